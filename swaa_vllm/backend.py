@@ -1,0 +1,261 @@
+"""The ``SWAA`` vLLM attention backend: sink-plus-window prefill, full-attention decode.
+
+Structure mirrors vLLM's own CPU backend (``vllm/v1/attention/backends/cpu_attn.py``):
+a backend class, a metadata builder that turns vLLM's ``CommonAttentionMetadata``
+into :class:`SwaaMetadata` once per step, and an impl whose ``forward`` runs one
+layer. The mask of each layer comes from the model's ``swaa_config``
+(:mod:`swaa_vllm.config`); the role of every query token (prompt or generated)
+comes from its position against its request's prompt length, which
+:class:`swaa_vllm.worker.PromptLengthsRunnerMixin` hands to the builder each step.
+
+KV cache layout: vLLM allocates each layer ``[num_blocks, num_kv_heads,
+block_size, 2 * head_size]`` in the physical order ``LBNHC`` that
+:meth:`SwaaAttentionBackend.supported_kv_cache_layouts` requests, i.e. memory is
+``[num_blocks, block_size, num_kv_heads, 2 * head_size]`` with the key in the first
+``head_size`` channels and the value in the last. :func:`split_kv_cache` gives the
+``[num_blocks, block_size, num_kv_heads, head_size]`` views that :mod:`swaa_kernels.cpu`
+reads and writes. Every layer keeps a full-attention KV spec, so vLLM never frees a
+block that FA decode will read.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from swaa_kernels.cpu import LayerMaskSpec, paged_swaa_attention, write_kv_cache
+from swaa_vllm.config import SwaaPlan, plan_from_hf_config
+from vllm.config import VllmConfig, get_current_vllm_config
+from vllm.logger import init_logger
+from vllm.model_executor.models.utils import extract_layer_index
+from vllm.v1.attention.backend import (
+    AttentionBackend,
+    AttentionImpl,
+    AttentionLayer,
+    AttentionMetadataBuilder,
+    AttentionType,
+    CommonAttentionMetadata,
+)
+from vllm.v1.kv_cache_interface import AttentionSpec
+from vllm.v1.kv_cache_layout import KVCacheLayout
+
+logger = init_logger(__name__)
+
+BACKEND_NAME = "SWAA"
+
+
+class SwaaAttentionBackend(AttentionBackend):
+    """Attention backend registered as ``--attention-backend swaa``."""
+
+    forward_includes_kv_cache_update: bool = False
+    supported_dtypes: ClassVar[list[torch.dtype]] = [torch.float16, torch.bfloat16, torch.float32]
+    supported_kv_cache_dtypes: ClassVar[list[str]] = ["auto"]  # type: ignore[assignment]
+
+    @staticmethod
+    def get_name() -> str:
+        return BACKEND_NAME
+
+    @staticmethod
+    def get_impl_cls() -> type[SwaaAttentionImpl]:
+        return SwaaAttentionImpl
+
+    @staticmethod
+    def get_builder_cls() -> type[SwaaMetadataBuilder]:
+        return SwaaMetadataBuilder
+
+    @classmethod
+    def supported_kv_cache_layouts(cls) -> tuple[KVCacheLayout, ...]:
+        # Token-major blocks: one token's heads are contiguous, so a slot gather
+        # is a single index_select over [num_blocks * block_size, H, 2D].
+        return (KVCacheLayout.LBNHC,)
+
+    @classmethod
+    def supports_attn_type(cls, attn_type: str) -> bool:
+        return attn_type == AttentionType.DECODER
+
+
+@dataclass
+class SwaaMetadata:
+    """Per-step attention metadata shared by all SWAA layers (CPU tensors).
+
+    Attributes:
+        num_actual_tokens: tokens in the step, excluding padding.
+        query_start_loc: int32 ``[num_reqs + 1]`` cumulative query lengths.
+        seq_lens: int32 ``[num_reqs]`` tokens per request including this step's.
+        prompt_lens: int ``[num_reqs]`` prompt length P of each request.
+        block_table: int32 ``[num_reqs, max_blocks_per_req]``.
+        slot_mapping: int64 ``[num_tokens]`` cache slot of each new token.
+    """
+
+    num_actual_tokens: int
+    query_start_loc: torch.Tensor
+    seq_lens: torch.Tensor
+    prompt_lens: torch.Tensor
+    block_table: torch.Tensor
+    slot_mapping: torch.Tensor
+
+
+class SwaaMetadataBuilder(AttentionMetadataBuilder[SwaaMetadata]):
+    """Builds :class:`SwaaMetadata` from vLLM's ``CommonAttentionMetadata``.
+
+    ``prompt_lens_source`` must be set by the model runner before each build
+    (``[>= num_reqs]`` prompt lengths in batch order, see
+    :class:`swaa_vllm.worker.PromptLengthsRunnerMixin`); vLLM does not pass
+    per-request prompt lengths to builders by default.
+    """
+
+    def __init__(
+        self,
+        kv_cache_spec: AttentionSpec,
+        layer_names: list[str],
+        vllm_config: VllmConfig,
+        device: torch.device,
+    ) -> None:
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        self.prompt_lens_source: torch.Tensor | None = None
+
+    def build(
+        self,
+        common_prefix_len: int,
+        common_attn_metadata: CommonAttentionMetadata,
+        fast_build: bool = False,
+    ) -> SwaaMetadata:
+        cm = common_attn_metadata
+        if self.prompt_lens_source is None:
+            raise RuntimeError(
+                "the SWAA backend needs per-request prompt lengths from its model runner; "
+                "run with the swaa worker (set automatically for --attention-backend swaa; "
+                "do not override --worker-cls)"
+            )
+        return SwaaMetadata(
+            num_actual_tokens=cm.num_actual_tokens,
+            query_start_loc=cm.query_start_loc_cpu[: cm.num_reqs + 1],
+            seq_lens=cm.seq_lens[: cm.num_reqs].cpu(),
+            prompt_lens=self.prompt_lens_source[: cm.num_reqs].clone(),
+            block_table=cm.block_table_tensor[: cm.num_reqs],
+            slot_mapping=cm.slot_mapping,
+        )
+
+
+def split_kv_cache(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Key and value views of one layer's vLLM cache tensor.
+
+    Args:
+        kv_cache: logical ``[num_blocks, num_kv_heads, block_size, 2 * head_size]``,
+            physically ``LBNHC`` (token-major) as this backend requests.
+
+    Returns:
+        ``(key_cache, value_cache)``, each ``[num_blocks, block_size, num_kv_heads, head_size]``.
+    """
+    token_major = kv_cache.permute(0, 2, 1, 3)
+    if not token_major.is_contiguous():
+        raise RuntimeError(
+            f"SWAA expects the LBNHC KV cache layout, got strides {tuple(kv_cache.stride())} for shape "
+            f"{tuple(kv_cache.shape)}; do not force VLLM_KV_CACHE_LAYOUT to another layout"
+        )
+    head_size = token_major.shape[-1] // 2
+    return token_major[..., :head_size], token_major[..., head_size:]
+
+
+_UNSUPPORTED = "the swaa attention backend does not support {what}; {fix}"
+
+
+class SwaaAttentionImpl(AttentionImpl[SwaaMetadata]):
+    """One decoder layer's SWAA attention (CPU path: :mod:`swaa_kernels.cpu`).
+
+    Raises:
+        NotImplementedError: at model construction for features the mask cannot
+            honour (ALiBi, soft-capping, model-native sliding windows, attention
+            sinks as learned logits, quantized KV cache, non-decoder attention).
+    """
+
+    def __init__(
+        self,
+        num_heads: int,
+        head_size: int,
+        scale: float,
+        num_kv_heads: int | None = None,
+        alibi_slopes: list[float] | None = None,
+        sliding_window: int | None = None,
+        kv_cache_dtype: str = "auto",
+        logits_soft_cap: float | None = None,
+        attn_type: str = AttentionType.DECODER,
+        kv_sharing_target_layer_name: str | None = None,
+        sinks: torch.Tensor | None = None,
+    ) -> None:
+        checks = [
+            (alibi_slopes is not None, "ALiBi", "use a RoPE model"),
+            (sliding_window is not None, "models with their own sliding window",
+             "use swaa_config.sliding_window_size on a full-attention model instead"),
+            (bool(logits_soft_cap), "attention logit soft-capping", "use another backend for this model"),
+            (sinks is not None, "learned attention-sink logits", "use another backend for this model"),
+            (kv_cache_dtype != "auto", f"kv_cache_dtype={kv_cache_dtype!r}", "leave --kv-cache-dtype at auto"),
+            (attn_type != AttentionType.DECODER, f"attention type {attn_type}", "use it on decoder-only models"),
+            (kv_sharing_target_layer_name is not None, "cross-layer KV sharing", "use another backend"),
+        ]
+        for failed, what, fix in checks:
+            if failed:
+                raise NotImplementedError(_UNSUPPORTED.format(what=what, fix=fix))
+        self.num_heads = num_heads
+        self.head_size = head_size
+        self.scale = float(scale)
+        self.num_kv_heads = num_kv_heads or num_heads
+        self.kv_cache_dtype = kv_cache_dtype
+        self.attn_type = attn_type
+        self.kv_sharing_target_layer_name = None
+        self.plan: SwaaPlan = plan_from_hf_config(get_current_vllm_config().model_config.hf_config)
+        self._layer_specs: dict[str, LayerMaskSpec] = {}
+
+    def _spec(self, layer_name: str) -> LayerMaskSpec:
+        spec = self._layer_specs.get(layer_name)
+        if spec is None:
+            spec = self.plan.for_layer(extract_layer_index(layer_name))
+            self._layer_specs[layer_name] = spec
+        return spec
+
+    def do_kv_cache_update(
+        self,
+        layer: torch.nn.Module,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        kv_cache: torch.Tensor,
+        slot_mapping: torch.Tensor,
+    ) -> None:
+        """Write this step's keys/values ``[num_tokens, num_kv_heads, head_size]`` into the cache."""
+        key_cache, value_cache = split_kv_cache(kv_cache)
+        write_kv_cache(key, value, key_cache, value_cache, slot_mapping)
+
+    def forward(
+        self,
+        layer: AttentionLayer,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        kv_cache: torch.Tensor,
+        attn_metadata: SwaaMetadata | None,
+        output: torch.Tensor,
+        output_scale: torch.Tensor | None = None,
+        output_block_scale: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Attention of this step's queries ``[num_tokens, num_heads, head_size]`` into ``output``."""
+        if output_scale is not None or output_block_scale is not None:
+            raise NotImplementedError(_UNSUPPORTED.format(what="fused output quantization", fix="disable it"))
+        if attn_metadata is None:  # profiling / warm-up run
+            return output
+        n = attn_metadata.num_actual_tokens
+        key_cache, value_cache = split_kv_cache(kv_cache)
+        paged_swaa_attention(
+            query[:n].view(n, self.num_heads, self.head_size),
+            key_cache,
+            value_cache,
+            attn_metadata.block_table,
+            attn_metadata.query_start_loc,
+            attn_metadata.seq_lens,
+            attn_metadata.prompt_lens,
+            self._spec(layer.layer_name),
+            self.scale,
+            out=output[:n].view(n, self.num_heads, self.head_size),
+        )
+        return output

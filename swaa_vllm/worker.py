@@ -1,0 +1,58 @@
+"""Worker and model runner that hand per-request prompt lengths to the SWAA builder.
+
+SWAA decides whether a query token is a prompt token by its position against its
+request's prompt length P (``shared/SWAA.md``). vLLM's ``CommonAttentionMetadata``
+carries ``is_prefilling`` but not P, and the difference matters: a request resumed
+after preemption recomputes prompt and generated tokens in one chunk. The model
+runner knows P (``input_batch.num_prompt_tokens_cpu_tensor``, in batch order), so
+this runner points every :class:`~swaa_vllm.backend.SwaaMetadataBuilder` at that
+tensor right before vLLM builds the step's attention metadata.
+
+The worker class is selected through vLLM's own ``parallel_config.worker_cls``
+setting (done by :mod:`swaa_vllm.vllm_shims` when the backend is ``swaa``).
+Mirrors ``vllm/v1/worker/cpu_worker.py`` and ``vllm/v1/worker/cpu_model_runner.py``.
+"""
+
+from __future__ import annotations
+
+from swaa_vllm.backend import SwaaMetadataBuilder
+from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+from vllm.v1.worker.cpu_worker import CPUWorker
+
+__all__ = ["PromptLengthsRunnerMixin", "SwaaCPUModelRunner", "SwaaCPUWorker"]
+
+
+class PromptLengthsRunnerMixin:
+    """Model-runner mixin: publish prompt lengths to SWAA builders before each build."""
+
+    def _build_attention_metadata(self, *args, **kwargs):  # signature: GPUModelRunner's
+        prompt_lens = self.input_batch.num_prompt_tokens_cpu_tensor
+        for group in self._attn_group_iterator():
+            for builder in group.metadata_builders:
+                if isinstance(builder, SwaaMetadataBuilder):
+                    builder.prompt_lens_source = prompt_lens
+        return super()._build_attention_metadata(*args, **kwargs)
+
+
+class SwaaCPUModelRunner(PromptLengthsRunnerMixin, CPUModelRunner):
+    """vLLM's V1 CPU model runner plus :class:`PromptLengthsRunnerMixin`; no state of its own."""
+
+
+class SwaaCPUWorker(CPUWorker):
+    """vLLM's CPU worker whose model runner is :class:`SwaaCPUModelRunner`.
+
+    Raises:
+        RuntimeError: if vLLM built a model runner other than its V1 CPU runner
+            (e.g. ``VLLM_USE_V2_MODEL_RUNNER=1``), which SWAA does not support yet.
+    """
+
+    def init_device(self) -> None:
+        super().init_device()
+        if type(self.model_runner) is not CPUModelRunner:
+            raise RuntimeError(
+                f"the swaa backend needs vLLM's V1 CPU model runner, got {type(self.model_runner).__name__}; "
+                "unset VLLM_USE_V2_MODEL_RUNNER or set it to 0"
+            )
+        # SwaaCPUModelRunner adds one method override and no state, so re-classing the
+        # runner CPUWorker.init_device just built is exact and avoids building it twice.
+        self.model_runner.__class__ = SwaaCPUModelRunner
