@@ -27,6 +27,7 @@ import torch
 
 from swaa_kernels.cpu import LayerMaskSpec, paged_swaa_attention, write_kv_cache
 from swaa_vllm.config import SwaaPlan, plan_from_hf_config
+from swaa_vllm.vllm_shims import BACKEND_NAME
 from vllm.config import VllmConfig, get_current_vllm_config
 from vllm.logger import init_logger
 from vllm.model_executor.models.utils import extract_layer_index
@@ -41,9 +42,7 @@ from vllm.v1.attention.backend import (
 from vllm.v1.kv_cache_interface import AttentionSpec
 from vllm.v1.kv_cache_layout import KVCacheLayout
 
-logger = init_logger(__name__)
-
-BACKEND_NAME = "SWAA"
+logger = init_logger("vllm.swaa")  # under "vllm" so that vLLM's log config shows it
 
 
 class SwaaAttentionBackend(AttentionBackend):

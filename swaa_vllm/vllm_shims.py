@@ -1,0 +1,130 @@
+"""Every change swaa-vllm makes to vLLM at plugin load, in one place.
+
+vLLM 0.32 lets a plugin register a backend by name, but three things stand
+between that and a working ``--attention-backend swaa`` on CPU. Each shim below is
+the smallest change that fixes one of them; ``tests/test_vllm_shims.py`` checks
+both that the shim works and that the vLLM behaviour it works around is still
+there, so a vLLM upgrade that makes a shim unnecessary (or breaks it) fails CI.
+
+1. **Enum member that survives spawn.** ``register_backend("SWAA", path)`` adds a
+   member to ``AttentionBackendEnum`` at runtime. Enum members pickle by value,
+   and the CPU build *spawns* the engine core and workers, which unpickle the
+   config before loading plugins, so ``AttentionBackendEnum(path)`` would fail
+   there. The member gets its own ``__reduce_ex__`` that unpickles through
+   :func:`swaa_backend_member`, which imports this module (registering the
+   member) first.
+2. **CPU backend selection.** ``CpuPlatform.get_attn_backend_cls`` answers
+   ``CPU_ATTN`` for any selected backend. The wrapper returns the SWAA backend
+   when SWAA is selected and defers to vLLM otherwise.
+3. **Config hook.** ``CpuPlatform.check_and_update_config`` runs once per config
+   in the front-end process (at startup, before any engine process). The wrapper
+   runs vLLM's hook, then, when SWAA is selected: validates ``swaa_config``
+   (errors name the field), logs the per-layer plan once, and selects the SWAA
+   worker through vLLM's own ``parallel_config.worker_cls`` setting
+   (:mod:`swaa_vllm.worker`). A model with ``swaa_config`` served by another
+   backend gets a warning instead of silently losing its mask.
+"""
+
+from __future__ import annotations
+
+import functools
+
+from vllm.logger import init_logger
+from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
+
+logger = init_logger("vllm.swaa")  # under "vllm" so that vLLM's log config shows it
+
+BACKEND_NAME = "SWAA"  # --attention-backend swaa (vLLM upper-cases the name)
+
+BACKEND_PATH = "swaa_vllm.backend.SwaaAttentionBackend"
+CPU_WORKER = "swaa_vllm.worker.SwaaCPUWorker"
+_VLLM_CPU_WORKERS = ("auto", "vllm.v1.worker.cpu_worker.CPUWorker")
+
+__all__ = ["install", "swaa_backend_member", "is_swaa_selected"]
+
+
+def swaa_backend_member() -> AttentionBackendEnum:
+    """The ``AttentionBackendEnum.SWAA`` member, registering it first if needed.
+
+    Also the unpickling entry point of that member (shim 1).
+    """
+    member = AttentionBackendEnum.__members__.get(BACKEND_NAME)
+    if member is None:
+        register_backend(BACKEND_NAME, BACKEND_PATH)
+        member = AttentionBackendEnum[BACKEND_NAME]
+        member.__reduce_ex__ = _reduce_swaa_member  # instance attribute: pickle looks it up on the object
+    return member
+
+
+def _reduce_swaa_member(protocol: int):
+    return (swaa_backend_member, ())
+
+
+def is_swaa_selected(vllm_config) -> bool:
+    """Whether the config selects the SWAA attention backend."""
+    backend = vllm_config.attention_config.backend
+    return backend is not None and backend.name == BACKEND_NAME
+
+
+def _patch_cpu_platform() -> None:
+    from vllm.platforms.cpu import CpuPlatform
+
+    if getattr(CpuPlatform, "_swaa_patched", False):
+        return
+    original_select = CpuPlatform.get_attn_backend_cls.__func__
+    original_check = CpuPlatform.check_and_update_config.__func__
+
+    @functools.wraps(original_select)
+    def get_attn_backend_cls(cls, selected_backend, attn_selector_config, *args, **kwargs):
+        if selected_backend is not None and selected_backend.name == BACKEND_NAME:
+            if attn_selector_config.use_mla or attn_selector_config.use_sparse:
+                raise ValueError(
+                    "--attention-backend swaa supports standard multi-head/grouped-query attention only, "
+                    "not MLA or sparse attention models"
+                )
+            logger.info_once("Using the SWAA attention backend (swaa-vllm).")
+            return selected_backend.get_path()
+        return original_select(cls, selected_backend, attn_selector_config, *args, **kwargs)
+
+    @functools.wraps(original_check)
+    def check_and_update_config(cls, vllm_config) -> None:
+        original_check(cls, vllm_config)
+        _after_platform_config(vllm_config, cpu_worker=CPU_WORKER)
+
+    CpuPlatform.get_attn_backend_cls = classmethod(get_attn_backend_cls)
+    CpuPlatform.check_and_update_config = classmethod(check_and_update_config)
+    CpuPlatform._swaa_patched = True
+
+
+def _after_platform_config(vllm_config, cpu_worker: str) -> None:
+    """Validate and log the SWAA plan, and select the SWAA worker (shim 3)."""
+    from swaa_vllm.config import plan_from_hf_config
+
+    model_config = vllm_config.model_config
+    if model_config is None:
+        return
+    has_swaa_config = getattr(model_config.hf_config, "swaa_config", None) is not None
+    if not is_swaa_selected(vllm_config):
+        if has_swaa_config:
+            logger.warning(
+                "The model config has a swaa_config but the attention backend is %s, which ignores it: "
+                "the model runs with full attention. Pass --attention-backend swaa to apply it.",
+                vllm_config.attention_config.backend or "auto",
+            )
+        return
+    plan = plan_from_hf_config(model_config.hf_config)  # raises SwaaConfigError naming the field
+    parallel_config = vllm_config.parallel_config
+    if parallel_config.worker_cls != cpu_worker:  # first pass (front end); engine processes re-run the hook
+        logger.info("%s", plan.describe())
+    if parallel_config.worker_cls not in _VLLM_CPU_WORKERS + (cpu_worker,):
+        raise ValueError(
+            f"--attention-backend swaa needs its own worker ({cpu_worker}) to pass prompt lengths to the "
+            f"attention backend, but --worker-cls is {parallel_config.worker_cls!r}; remove --worker-cls"
+        )
+    parallel_config.worker_cls = cpu_worker
+
+
+def install() -> None:
+    """Apply all shims; idempotent, safe in every vLLM process."""
+    swaa_backend_member()
+    _patch_cpu_platform()
