@@ -34,7 +34,15 @@ _DOCS = "see the README section 'Configuration'"
 
 
 class SwaaConfigError(ValueError):
-    """A ``swaa_config`` that cannot be honoured; the message names the field and the fix."""
+    """A ``swaa_config`` that cannot be honoured; the message names the field and the fix.
+
+    Every message starts with ``invalid swaa_config:`` so it is easy to find in a server log.
+    """
+
+    PREFIX = "invalid swaa_config: "
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message if message.startswith(self.PREFIX) else self.PREFIX + message)
 
 
 class SwaaConfig(BaseModel):

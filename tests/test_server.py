@@ -1,0 +1,146 @@
+"""The OpenAI-compatible server: ``vllm serve --attention-backend swaa`` as a subprocess.
+
+Started on a free loopback port with the bundled model; checks ``/v1/models``,
+completions, chat, streaming, the per-layer plan in the log, and that a malformed
+``swaa_config`` stops startup with a message naming the field.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.e2e
+
+SERVED_NAME = "smollm2-swaa"
+SWAA_CONFIG = {"sliding_window_size": 64, "keep_first": 8, "force_fa_decode": True, "non_sliding_layers": [0, 15]}
+STARTUP_TIMEOUT_S = 300
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _vllm_serve(model_dir: Path, port: int, swaa_config, log_path: Path) -> subprocess.Popen:
+    vllm = Path(sys.executable).parent / "vllm"  # the console script, as a user runs it
+    cmd = [
+        str(vllm), "serve", str(model_dir), "--served-model-name", SERVED_NAME,
+        "--attention-backend", "swaa", "--hf-overrides", json.dumps({"swaa_config": swaa_config}),
+        "--dtype", "float32", "--max-model-len", "2048", "--enforce-eager",
+        "--host", "127.0.0.1", "--port", str(port),
+    ]
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
+    return subprocess.Popen(cmd, stdout=log_path.open("w"), stderr=subprocess.STDOUT, env=env)
+
+
+@pytest.fixture(scope="module")
+def server(model_dir, tmp_path_factory):
+    import requests
+
+    port = _free_port()
+    log_path = tmp_path_factory.mktemp("server") / "vllm.log"
+    proc = _vllm_serve(model_dir, port, SWAA_CONFIG, log_path)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    try:
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"vllm serve exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}")
+            try:
+                if requests.get(f"{base}/health", timeout=2).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"vllm serve not healthy after {STARTUP_TIMEOUT_S}s:\n{log_path.read_text()[-4000:]}")
+            time.sleep(1)
+        yield base, log_path
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    from openai import OpenAI
+
+    return OpenAI(base_url=server[0] + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def test_models_lists_served_model(client):
+    assert [m.id for m in client.models.list().data] == [SERVED_NAME]
+
+
+def test_log_shows_per_layer_plan(server):
+    log = server[1].read_text()
+    assert "SWAA plan for 30 layers: " in log
+    assert "sliding W=64 k=8, full-attention decode: layers [1-14, 16-29] (28)" in log
+    assert "full attention: layers [0, 15] (2)" in log
+    assert "Using the SWAA attention backend" in log
+
+
+def test_chat_completion_answers(client):
+    r = client.chat.completions.create(
+        model=SERVED_NAME, messages=[{"role": "user", "content": "What is the capital of France?"}],
+        temperature=0, max_tokens=16,
+    )
+    assert "Paris" in r.choices[0].message.content
+
+
+def test_completion(client):
+    r = client.completions.create(model=SERVED_NAME, prompt="One, two, three, four,", temperature=0, max_tokens=8)
+    assert r.choices[0].text.strip()
+    assert r.usage.completion_tokens == 8
+
+
+def test_streaming_chat_equals_non_streaming(client):
+    messages = [{"role": "user", "content": "Name a fruit that is yellow."}]
+    full = client.chat.completions.create(model=SERVED_NAME, messages=messages, temperature=0, max_tokens=12)
+    chunks = list(client.chat.completions.create(
+        model=SERVED_NAME, messages=messages, temperature=0, max_tokens=12, stream=True,
+    ))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert len(chunks) > 2
+    assert text == full.choices[0].message.content
+
+
+def test_oversized_request_rejected_server_stays_up(client):
+    from openai import BadRequestError
+
+    with pytest.raises(BadRequestError) as err:
+        client.completions.create(model=SERVED_NAME, prompt="hello " * 3000, max_tokens=4)
+    assert "2048" in str(err.value)  # names the max_model_len limit
+    assert client.models.list().data  # still serving
+
+
+@pytest.mark.parametrize(
+    ("bad_config", "field"),
+    [
+        ({"sliding_window_size": 0}, "swaa_config.sliding_window_size"),
+        ({"sliding_window_size": 64, "keep_firts": 4}, "swaa_config.keep_firts"),
+        ({"sliding_window_size": 64, "non_sliding_layers": [30]}, "swaa_config.non_sliding_layers"),
+    ],
+)
+def test_malformed_swaa_config_fails_at_startup(model_dir, tmp_path, bad_config, field):
+    log_path = tmp_path / "vllm.log"
+    proc = _vllm_serve(model_dir, _free_port(), bad_config, log_path)
+    try:
+        rc = proc.wait(timeout=STARTUP_TIMEOUT_S)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    log = log_path.read_text()
+    assert rc != 0
+    assert "invalid swaa_config: " in log and field in log, log[-3000:]
