@@ -75,7 +75,7 @@ class Req:
         return self.seq_len - self.q_len
 
 
-@dataclass
+@dataclass(repr=False)
 class Batch:
     reqs: list[Req]
     query: torch.Tensor  # [num_tokens, H, D]
@@ -87,6 +87,9 @@ class Batch:
     query_start_loc: torch.Tensor
     seq_lens: torch.Tensor
     prompt_lens: torch.Tensor
+
+    def __repr__(self) -> str:  # keep hypothesis / assertion output readable
+        return f"Batch({self.reqs}, heads={self.query.shape[1]}/{self.key_cache.shape[2]}, block_size={self.key_cache.shape[1]})"
 
 
 def build_batch(
