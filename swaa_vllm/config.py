@@ -207,7 +207,7 @@ def plan_from_hf_config(hf_config: Any) -> SwaaPlan:
             raise SwaaConfigError(f"swaa_config is not valid JSON: {err}") from None
     text_config = getattr(hf_config, "get_text_config", lambda: hf_config)()
     num_layers = getattr(text_config, "num_hidden_layers", None)
-    if not isinstance(num_layers, int):
+    if not isinstance(num_layers, int) or isinstance(num_layers, bool) or num_layers < 1:
         raise SwaaConfigError(
             f"model type {getattr(hf_config, 'model_type', '?')!r} has no num_hidden_layers in its config; "
             "swaa supports decoder-only transformer models (Llama, Qwen2, Qwen3, ...)"

@@ -55,6 +55,13 @@ def runs(model_dir, prompts):
             hf_overrides={"swaa_config": {"sliding_window_size": 4096, "keep_first": 0}},
         ),
         "swaa_small_window": dict(attention_backend="SWAA", hf_overrides={"swaa_config": SMALL_WINDOW}),
+        # Same plan, scheduled differently: 40-token chunks (prefill chunks whose context is
+        # already cached, crossing the 24-token window edge) and 16-token blocks, so the
+        # shared chat-template prefix is a prefix-cache hit for later prompts.
+        "swaa_small_window_chunked": dict(
+            attention_backend="swaa", hf_overrides={"swaa_config": SMALL_WINDOW},
+            max_num_batched_tokens=40, max_num_seqs=4, block_size=16,
+        ),
     }
     results = {}
     for name, kwargs in configs.items():
@@ -76,10 +83,11 @@ def test_small_window_changes_output(runs):
     assert [t for t, _ in runs["swaa_small_window"]] != [t for t, _ in runs["cpu_attn"]]
 
 
-def test_small_window_matches_transformers_reference(runs, model_dir, prompts):
+@pytest.mark.parametrize("name", ["swaa_small_window", "swaa_small_window_chunked"])
+def test_small_window_matches_transformers_reference(runs, model_dir, prompts, name):
     model = hf_reference.load_model(model_dir)
     layers = build_plan(SMALL_WINDOW, model.config.num_hidden_layers).layers
-    for prompt, (tokens, lps) in zip(prompts, runs["swaa_small_window"]):
+    for prompt, (tokens, lps) in zip(prompts, runs[name]):
         ref_tokens, ref_lps = hf_reference.greedy(model, layers, prompt, MAX_TOKENS)
         assert tokens == ref_tokens
         # vLLM float32 vs transformers float32 (float64 attention): kernels differ in
