@@ -77,10 +77,15 @@ def _patch_cpu_platform() -> None:
     @functools.wraps(original_select)
     def get_attn_backend_cls(cls, selected_backend, attn_selector_config, *args, **kwargs):
         if selected_backend is not None and selected_backend.name == BACKEND_NAME:
-            if attn_selector_config.use_mla or attn_selector_config.use_sparse:
+            # As vLLM's CUDA selector does for a selected backend (vllm/platforms/cuda.py).
+            reasons = selected_backend.get_class().validate_configuration(
+                device_capability=None, **attn_selector_config._asdict()
+            )
+            if reasons:
                 raise ValueError(
-                    "--attention-backend swaa supports standard multi-head/grouped-query attention only, "
-                    "not MLA or sparse attention models"
+                    f"--attention-backend swaa cannot run this model: {', '.join(reasons)}. "
+                    "SWAA needs a decoder-only model with standard multi-head/grouped-query attention "
+                    "and no sliding window of its own, and --kv-cache-dtype auto"
                 )
             logger.info_once("Using the SWAA attention backend (swaa-vllm).")
             return selected_backend.get_path()
@@ -112,6 +117,7 @@ def _after_platform_config(vllm_config, cpu_worker: str) -> None:
                 vllm_config.attention_config.backend or "auto",
             )
         return
+    _check_model_supported(vllm_config)
     plan = plan_from_hf_config(model_config.hf_config)  # raises SwaaConfigError naming the field
     parallel_config = vllm_config.parallel_config
     if parallel_config.worker_cls != cpu_worker:  # first pass (front end); engine processes re-run the hook
@@ -122,6 +128,27 @@ def _after_platform_config(vllm_config, cpu_worker: str) -> None:
             f"attention backend, but --worker-cls is {parallel_config.worker_cls!r}; remove --worker-cls"
         )
     parallel_config.worker_cls = cpu_worker
+
+
+def _check_model_supported(vllm_config) -> None:
+    """Refuse, at startup, models and settings the SWAA mask cannot honour.
+
+    Raises:
+        ValueError: naming the setting and the fix.
+    """
+    model_config = vllm_config.model_config
+    problems = []
+    if model_config.use_mla:
+        problems.append("the model uses MLA attention; SWAA supports multi-head/grouped-query attention models")
+    if model_config.get_sliding_window() is not None:
+        problems.append(
+            f"the model has its own sliding window ({model_config.get_sliding_window()}); use a full-attention "
+            "model and set swaa_config.sliding_window_size instead"
+        )
+    if vllm_config.cache_config.cache_dtype != "auto":
+        problems.append(f"--kv-cache-dtype {vllm_config.cache_config.cache_dtype} is not supported; use auto")
+    if problems:
+        raise ValueError("--attention-backend swaa: " + "; ".join(problems))
 
 
 def install() -> None:

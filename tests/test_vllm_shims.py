@@ -25,9 +25,12 @@ def installed():
 
 
 def _selector_config(**overrides):
-    fields = dict(use_mla=False, use_sparse=False)
+    import torch
+    from vllm.v1.attention.selector import AttentionSelectorConfig
+
+    fields = dict(head_size=64, dtype=torch.bfloat16, kv_cache_dtype="auto", block_size=128)
     fields.update(overrides)
-    return types.SimpleNamespace(**fields)
+    return AttentionSelectorConfig(**fields)
 
 
 def test_swaa_name_parses_like_vllm_cli():
@@ -67,11 +70,21 @@ def test_cpu_selector_returns_swaa_when_selected():
     assert CpuPlatform.get_attn_backend_cls(None, _selector_config()).endswith("CPUAttentionBackend")
 
 
-def test_cpu_selector_refuses_mla_with_swaa():
+@pytest.mark.parametrize(
+    ("overrides", "reason"),
+    [
+        ({"use_mla": True}, "MLA not supported"),
+        ({"has_sliding_window": True}, "sliding window not supported"),
+        ({"kv_cache_dtype": "fp8"}, "kv_cache_dtype not supported"),
+        ({"has_sink": True}, "attention sinks not supported"),
+        ({"attn_type": "encoder_only"}, "attention type"),
+    ],
+)
+def test_cpu_selector_refuses_what_swaa_cannot_honour(overrides, reason):
     from vllm.platforms.cpu import CpuPlatform
 
-    with pytest.raises(ValueError, match="MLA"):
-        CpuPlatform.get_attn_backend_cls(AttentionBackendEnum.SWAA, _selector_config(use_mla=True))
+    with pytest.raises(ValueError, match=reason):
+        CpuPlatform.get_attn_backend_cls(AttentionBackendEnum.SWAA, _selector_config(**overrides))
 
 
 def test_vllm_still_ignores_foreign_backends_on_cpu():
@@ -94,15 +107,33 @@ def test_vllm_runner_interfaces_used_by_the_worker():
     assert hasattr(GPUModelRunner, "_attn_group_iterator")
 
 
-def _fake_vllm_config(backend, swaa_config, worker_cls="auto"):
+def _fake_vllm_config(backend, swaa_config, worker_cls="auto", sliding_window=None, use_mla=False, cache_dtype="auto"):
     hf_config = types.SimpleNamespace(num_hidden_layers=4, model_type="llama")
     if swaa_config is not None:
         hf_config.swaa_config = swaa_config
+    model_config = types.SimpleNamespace(
+        hf_config=hf_config, use_mla=use_mla, get_sliding_window=lambda: sliding_window
+    )
     return types.SimpleNamespace(
-        model_config=types.SimpleNamespace(hf_config=hf_config),
+        model_config=model_config,
         attention_config=types.SimpleNamespace(backend=backend),
         parallel_config=types.SimpleNamespace(worker_cls=worker_cls),
+        cache_config=types.SimpleNamespace(cache_dtype=cache_dtype),
     )
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"sliding_window": 4096}, "own sliding window"),
+        ({"use_mla": True}, "MLA"),
+        ({"cache_dtype": "fp8"}, "--kv-cache-dtype fp8"),
+    ],
+)
+def test_config_hook_refuses_unsupported_models_at_startup(overrides, message):
+    cfg = _fake_vllm_config(AttentionBackendEnum.SWAA, {"sliding_window_size": 8}, **overrides)
+    with pytest.raises(ValueError, match=message):
+        vllm_shims._after_platform_config(cfg, cpu_worker=vllm_shims.CPU_WORKER)
 
 
 def test_config_hook_selects_worker_and_validates():
