@@ -160,18 +160,39 @@ def paged_swaa_attention(
         context = kv_len - q_len
         if context < 0:
             raise ValueError(f"request {r}: query length {q_len} exceeds sequence length {kv_len}")
-        positions = torch.arange(kv_len)
-        slots = block_table[r, positions // block_size].long() * block_size + positions % block_size
-        keys = flat_keys[slots].transpose(0, 1)  # [Hkv, kv_len, D]
-        values = flat_values[slots].transpose(0, 1)
+        blocks = block_table[r].long()
         for t0 in range(0, q_len, query_tile):
             t1 = min(t0 + query_tile, q_len)
             q_pos = torch.arange(context + t0, context + t1)
             k_pos = _visible_key_positions(context + t0, context + t1, prompts[r], spec)
+            slots = blocks[k_pos // block_size] * block_size + k_pos % block_size
             mask = _tile_mask(q_pos, k_pos, prompts[r], spec)
-            q = query[q_begin + t0 : q_begin + t1].transpose(0, 1)  # [H, Tq, D]
-            k = keys.index_select(1, k_pos).to(q.dtype)
-            v = values.index_select(1, k_pos).to(q.dtype)
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=num_heads != num_kv_heads)
-            out[q_begin + t0 : q_begin + t1] = o.transpose(0, 1)
+            out[q_begin + t0 : q_begin + t1] = _attend(
+                query[q_begin + t0 : q_begin + t1],
+                flat_keys.index_select(0, slots),
+                flat_values.index_select(0, slots),
+                None if t1 - t0 == 1 and bool(mask.all()) else mask,
+                scale,
+            )
     return out[:num_tokens]
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """Fused attention of one tile with grouped-query heads folded into the query axis.
+
+    ``q`` ``[Tq, H, D]``, ``k``/``v`` ``[K, Hkv, D]``, ``mask`` bool ``[Tq, K]`` or None
+    (all visible). Query head ``h`` reads KV head ``h // (H // Hkv)``; its ``Tq`` rows
+    are stacked per KV head as ``[Hkv, group * Tq, D]`` so every KV head is read once
+    (faster on CPU than ``enable_gqa``, which expands K/V per query head).
+    Returns ``[Tq, H, D]``.
+    """
+    t, h, d = q.shape
+    hkv = k.shape[1]
+    group = h // hkv
+    qg = q.view(t, hkv, group, d).permute(1, 2, 0, 3).reshape(hkv, group * t, d)
+    if mask is not None and group > 1:
+        mask = mask.repeat(group, 1)
+    o = F.scaled_dot_product_attention(
+        qg, k.transpose(0, 1).to(q.dtype), v.transpose(0, 1).to(q.dtype), attn_mask=mask, scale=scale
+    )
+    return o.view(hkv, group, t, d).permute(2, 0, 1, 3).reshape(t, h, d)

@@ -178,8 +178,13 @@ def build_plan(raw: Any, num_layers: int) -> SwaaPlan:
             f"swaa_config.force_fa_decode lists layer {both[0]}, which is also in non_sliding_layers "
             f"(already full attention everywhere); remove it from one of the two lists"
         )
-    layers = []
     full = set(cfg.non_sliding_layers)
+    if len(full) == num_layers:
+        raise SwaaConfigError(
+            f"swaa_config.non_sliding_layers lists all {num_layers} layers, so sliding_window_size has no effect; "
+            "remove some layers from non_sliding_layers, or set sliding_window_size to null"
+        )
+    layers = []
     for i in range(num_layers):
         if i in full:
             layers.append(FULL_ATTENTION)

@@ -122,6 +122,14 @@ def _after_platform_config(vllm_config, cpu_worker: str) -> None:
     parallel_config = vllm_config.parallel_config
     if parallel_config.worker_cls != cpu_worker:  # first pass (front end); engine processes re-run the hook
         logger.info("%s", plan.describe())
+        windows = {spec.window for spec in plan.layers if spec.window is not None}
+        max_len = getattr(model_config, "max_model_len", None)
+        if windows and max_len and min(windows) >= max_len:
+            logger.warning(
+                "swaa_config.sliding_window_size=%d >= max_model_len=%d: every prompt fits in the window, "
+                "so SWAA computes full attention; lower sliding_window_size to save prefill work.",
+                min(windows), max_len,
+            )
     if parallel_config.worker_cls not in _VLLM_CPU_WORKERS + (cpu_worker,):
         raise ValueError(
             f"--attention-backend swaa needs its own worker ({cpu_worker}) to pass prompt lengths to the "

@@ -107,12 +107,6 @@ def test_force_fa_decode_false_and_empty_list_mean_sliding_decode():
         assert plan.layers == (LayerMaskSpec(window=8, keep_first=0, fa_decode=False),) * 2
 
 
-def test_all_layers_non_sliding():
-    plan = build_plan({"sliding_window_size": 8, "non_sliding_layers": [0, 1, 2]}, 3)
-    assert plan.layers == (FULL,) * 3
-    assert plan.configured
-
-
 def test_describe_groups_ranges():
     plan = build_plan({"sliding_window_size": 32, "keep_first": 2, "non_sliding_layers": [0, 1, 2, 5]}, 8)
     text = plan.describe()
@@ -312,3 +306,8 @@ def test_non_positive_or_bool_layer_count_rejected(num_layers):
 
     with pytest.raises(SwaaConfigError, match="num_hidden_layers"):
         plan_from_hf_config(types.SimpleNamespace(num_hidden_layers=num_layers, swaa_config={}))
+
+
+def test_window_with_every_layer_full_is_rejected():
+    with pytest.raises(SwaaConfigError, match="non_sliding_layers lists all 4 layers"):
+        build_plan({"sliding_window_size": 8, "non_sliding_layers": [0, 1, 2, 3]}, 4)

@@ -173,3 +173,14 @@ def test_vllm_console_script_reports_version():
     out = subprocess.run([str(vllm), "--version"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().startswith("0.32")
+
+
+def test_config_hook_warns_when_window_covers_max_model_len(caplog):
+    import logging
+
+    cfg = _fake_vllm_config(AttentionBackendEnum.SWAA, {"sliding_window_size": 4096})
+    cfg.model_config.max_model_len = 2048
+    logging.getLogger("vllm.swaa").propagate = True
+    with caplog.at_level(logging.WARNING, logger="vllm.swaa"):
+        vllm_shims._after_platform_config(cfg, cpu_worker=vllm_shims.CPU_WORKER)
+    assert "sliding_window_size=4096 >= max_model_len=2048" in caplog.text
