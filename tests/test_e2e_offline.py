@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import pytest
 
-from swaa_vllm.config import build_plan
 from tests import engine, hf_reference
 
 pytestmark = pytest.mark.e2e
@@ -86,9 +85,8 @@ def test_small_window_changes_output(runs):
 @pytest.mark.parametrize("name", ["swaa_small_window", "swaa_small_window_chunked"])
 def test_small_window_matches_transformers_reference(runs, model_dir, prompts, name):
     model = hf_reference.load_model(model_dir)
-    layers = build_plan(SMALL_WINDOW, model.config.num_hidden_layers).layers
     for prompt, (tokens, lps) in zip(prompts, runs[name]):
-        ref_tokens, ref_lps = hf_reference.greedy(model, layers, prompt, MAX_TOKENS)
+        ref_tokens, ref_lps = hf_reference.greedy(model, SMALL_WINDOW, prompt, MAX_TOKENS)
         assert tokens == ref_tokens
         # vLLM float32 vs transformers float32 (float64 attention): kernels differ in
         # summation order only; 2e-3 nats is far below any greedy decision margin seen.
@@ -98,6 +96,5 @@ def test_small_window_matches_transformers_reference(runs, model_dir, prompts, n
 def test_hf_reference_without_window_matches_cpu_attn(runs, model_dir, prompts):
     """The transformers reference itself agrees with vLLM under full attention."""
     model = hf_reference.load_model(model_dir)
-    layers = build_plan(None, model.config.num_hidden_layers).layers
-    ref_tokens, _ = hf_reference.greedy(model, layers, prompts[0], MAX_TOKENS)
+    ref_tokens, _ = hf_reference.greedy(model, None, prompts[0], MAX_TOKENS)
     assert ref_tokens == runs["cpu_attn"][0][0]
