@@ -23,6 +23,19 @@ there, so a vLLM upgrade that makes a shim unnecessary (or breaks it) fails CI.
    worker through vLLM's own ``parallel_config.worker_cls`` setting
    (:mod:`swaa_vllm.worker`). A model with ``swaa_config`` served by another
    backend gets a warning instead of silently losing its mask.
+4. **Prefix-cache keys of generated tokens.** With full-attention decode, the KV
+   of a generated token is computed under full attention, while the same token in a
+   later prompt (the next chat turn) must be computed under the sliding window. vLLM
+   hashes cached blocks by token ids only, so the next turn would reuse the decode
+   KV and its output would depend on what happened to be cached. When the plan has
+   a sliding layer with FA decode, ``kv_cache_utils.generate_block_hash_extra_keys``
+   is wrapped to add the extra key ``("swaa_prompt_tokens_in_block", n)`` to every
+   block that holds generated tokens (n = how many of its tokens were prompt
+   tokens). A block is then reused only by a request that computed it with the same
+   roles: its own recomputation after preemption, or the same prompt again, never a
+   later turn. Blocks inside the prompt keep vLLM's keys and are shared as usual.
+   (vLLM's KV events, built in ``block_pool.py`` from its own import of the
+   function, do not carry the extra key.)
 """
 
 from __future__ import annotations
@@ -119,6 +132,7 @@ def _after_platform_config(vllm_config, cpu_worker: str) -> None:
         return
     _check_model_supported(vllm_config)
     plan = plan_from_hf_config(model_config.hf_config)  # raises SwaaConfigError naming the field
+    set_generated_block_tagging(any(spec.window is not None and spec.fa_decode for spec in plan.layers))
     parallel_config = vllm_config.parallel_config
     if parallel_config.worker_cls != cpu_worker:  # first pass (front end); engine processes re-run the hook
         logger.info("%s", plan.describe())
@@ -159,7 +173,38 @@ def _check_model_supported(vllm_config) -> None:
         raise ValueError("--attention-backend swaa: " + "; ".join(problems))
 
 
+GENERATED_BLOCK_KEY = "swaa_prompt_tokens_in_block"
+_tag_generated_blocks = False  # set per process by the config hook (shim 3) from the plan
+
+
+def set_generated_block_tagging(enabled: bool) -> None:
+    """Turn shim 4 on (plan has a sliding layer with FA decode) or off."""
+    global _tag_generated_blocks
+    _tag_generated_blocks = enabled
+
+
+def _patch_block_hash_extra_keys() -> None:
+    from vllm.v1.core import kv_cache_utils
+
+    original = kv_cache_utils.generate_block_hash_extra_keys
+    if getattr(original, "_swaa_patched", False):
+        return
+
+    @functools.wraps(original)
+    def generate_block_hash_extra_keys(request, start_token_idx, end_token_idx, start_mm_idx):
+        extra_keys, next_mm_idx = original(request, start_token_idx, end_token_idx, start_mm_idx)
+        num_prompt_tokens = request.num_prompt_tokens
+        if _tag_generated_blocks and end_token_idx > num_prompt_tokens:
+            tag = (GENERATED_BLOCK_KEY, max(0, num_prompt_tokens - start_token_idx))
+            extra_keys = (*(extra_keys or ()), tag)
+        return extra_keys, next_mm_idx
+
+    generate_block_hash_extra_keys._swaa_patched = True
+    kv_cache_utils.generate_block_hash_extra_keys = generate_block_hash_extra_keys
+
+
 def install() -> None:
     """Apply all shims; idempotent, safe in every vLLM process."""
     swaa_backend_member()
     _patch_cpu_platform()
+    _patch_block_hash_extra_keys()

@@ -184,3 +184,47 @@ def test_config_hook_warns_when_window_covers_max_model_len(caplog):
     with caplog.at_level(logging.WARNING, logger="vllm.swaa"):
         vllm_shims._after_platform_config(cfg, cpu_worker=vllm_shims.CPU_WORKER)
     assert "sliding_window_size=4096 >= max_model_len=2048" in caplog.text
+
+
+def test_generated_blocks_get_their_own_prefix_cache_key():
+    """Shim 4: blocks holding generated tokens are keyed by how many prompt tokens they hold."""
+    from vllm.v1.core import kv_cache_utils
+
+    request = types.SimpleNamespace(
+        num_prompt_tokens=20, mm_features=[], lora_request=None, cache_salt=None, prompt_embeds=None,
+    )
+    keys = kv_cache_utils.generate_block_hash_extra_keys
+    try:
+        vllm_shims.set_generated_block_tagging(True)
+        assert keys(request, 0, 16, 0)[0] is None  # prompt-only block: vLLM's own keys
+        assert keys(request, 16, 32, 0)[0] == ((vllm_shims.GENERATED_BLOCK_KEY, 4),)
+        assert keys(request, 32, 48, 0)[0] == ((vllm_shims.GENERATED_BLOCK_KEY, 0),)
+        vllm_shims.set_generated_block_tagging(False)
+        assert keys(request, 16, 32, 0)[0] is None
+    finally:
+        vllm_shims.set_generated_block_tagging(False)
+
+
+def test_vllm_still_hashes_blocks_through_the_module_function():
+    """Why shim 4 works: the request block hasher looks the function up in its module."""
+    from vllm.v1.core import kv_cache_utils
+
+    source = inspect.getsource(kv_cache_utils.get_request_block_hasher)
+    assert "generate_block_hash_extra_keys(" in source
+    assert "request.all_token_ids[start_token_idx:end_token_idx]" in source
+    from vllm.v1.request import Request
+
+    assert "num_prompt_tokens" in inspect.getsource(Request)
+
+
+def test_config_hook_turns_generated_block_keys_on_only_with_fa_decode():
+    for swaa_config, expected in [
+        ({"sliding_window_size": 8, "force_fa_decode": True}, True),
+        ({"sliding_window_size": 8, "force_fa_decode": [2]}, True),
+        ({"sliding_window_size": 8}, False),
+        (None, False),
+    ]:
+        cfg = _fake_vllm_config(AttentionBackendEnum.SWAA, swaa_config)
+        vllm_shims._after_platform_config(cfg, cpu_worker=vllm_shims.CPU_WORKER)
+        assert vllm_shims._tag_generated_blocks is expected, swaa_config
+    vllm_shims.set_generated_block_tagging(False)
