@@ -74,6 +74,13 @@ class SwaaAttentionBackend(AttentionBackend):
     def supports_attn_type(cls, attn_type: str) -> bool:
         return attn_type == AttentionType.DECODER
 
+    @classmethod
+    def supports_kv_connector(cls) -> bool:
+        # KV connectors (offloading, disaggregated prefill) key and reuse blocks with
+        # their own copy of vLLM's block hashing, which would hand decode-computed KV
+        # to a later turn's prompt (see vllm_shims shim 4): refused, not bypassed.
+        return False
+
 
 @dataclass
 class SwaaMetadata:
@@ -122,6 +129,10 @@ class SwaaMetadataBuilder(AttentionMetadataBuilder[SwaaMetadata]):
         fast_build: bool = False,
     ) -> SwaaMetadata:
         cm = common_attn_metadata
+        if common_prefix_len:
+            # Cascade attention splits off a shared prefix and attends it without the
+            # per-token mask; vLLM 0.32 never asks (it removed cascade attention).
+            raise NotImplementedError("cascade attention cannot honour the SWAA mask; it is not supported")
         if self.prompt_lens_source is None:
             raise RuntimeError(
                 "the SWAA backend needs per-request prompt lengths from its model runner; "

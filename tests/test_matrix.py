@@ -70,7 +70,7 @@ class Case:
 ODD = [1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29]
 CASES = [
     Case("smollm2-fa-odd-ngram", "bundled",
-         {"sliding_window_size": 16, "keep_first": 4, "force_fa_decode": True, "non_sliding_layers": ODD},
+         {"sliding_window_size": 32, "keep_first": 4, "force_fa_decode": True, "non_sliding_layers": ODD},
          token_budget=24,
          engine_extra={"speculative_config": {"method": "ngram", "num_speculative_tokens": 3,
                                               "prompt_lookup_max": 4, "prompt_lookup_min": 2}}),
@@ -78,11 +78,11 @@ CASES = [
          num_heads=4, num_kv_heads=4, head_dim=128),
     Case("qwen2-r2-even-full-fa-list", "qwen2",
          {"sliding_window_size": 12, "keep_first": 1, "force_fa_decode": [1], "non_sliding_layers": [0, 2]},
-         num_heads=4, num_kv_heads=2, head_dim=64),
+         num_heads=4, num_kv_heads=2, head_dim=64, token_budget=9),
     Case("qwen3-r8-h128-one-layer-k-ge-W", "qwen3",
          {"sliding_window_size": 6, "keep_first": 10, "non_sliding_layers": [0, 1, 3]},
          num_heads=8, num_kv_heads=1, head_dim=128),
-    Case("llama-r3-bf16-all-sliding-fa", "llama", {"sliding_window_size": 10, "keep_first": 3, "force_fa_decode": True},
+    Case("llama-r3-bf16-all-sliding-fa-k0", "llama", {"sliding_window_size": 10, "keep_first": 0, "force_fa_decode": True},
          dtype="bfloat16", num_heads=6, num_kv_heads=2, head_dim=64),
     Case("qwen3-r2-no-swaa-config", "qwen3", None, num_heads=4, num_kv_heads=2, head_dim=64),
 ]

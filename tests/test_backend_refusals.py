@@ -1,0 +1,64 @@
+"""Features that cannot honour the SWAA mask are refused with a message, never bypassed."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+
+from swaa_vllm.backend import SwaaAttentionBackend, SwaaAttentionImpl, SwaaMetadataBuilder
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "what"),
+    [
+        ({"alibi_slopes": [1.0, 0.5]}, "ALiBi"),
+        ({"sliding_window": 4096}, "their own sliding window"),
+        ({"logits_soft_cap": 30.0}, "soft-capping"),
+        ({"sinks": torch.zeros(2)}, "attention-sink logits"),
+        ({"kv_cache_dtype": "fp8"}, "kv_cache_dtype='fp8'"),
+        ({"attn_type": "encoder_only"}, "attention type"),
+        ({"kv_sharing_target_layer_name": "model.layers.0.self_attn.attn"}, "KV sharing"),
+    ],
+)
+def test_impl_refuses_features_the_mask_cannot_honour(kwargs, what):
+    with pytest.raises(NotImplementedError, match=what):
+        SwaaAttentionImpl(num_heads=2, head_size=64, scale=0.125, num_kv_heads=1, **kwargs)
+
+
+def test_cascade_attention_is_refused():
+    builder = SwaaMetadataBuilder(types.SimpleNamespace(), ["model.layers.0.self_attn.attn"], None, torch.device("cpu"))
+    builder.prompt_lens_source = torch.tensor([4])
+    with pytest.raises(NotImplementedError, match="cascade"):
+        builder.build(common_prefix_len=16, common_attn_metadata=types.SimpleNamespace())
+
+
+def test_builder_without_prompt_lengths_says_how_to_fix():
+    builder = SwaaMetadataBuilder(types.SimpleNamespace(), [], None, torch.device("cpu"))
+    with pytest.raises(RuntimeError, match="worker-cls"):
+        builder.build(common_prefix_len=0, common_attn_metadata=types.SimpleNamespace())
+
+
+def test_kv_connectors_are_refused():
+    reasons = SwaaAttentionBackend.validate_configuration(
+        head_size=64, dtype=torch.bfloat16, kv_cache_dtype="auto", block_size=16, use_mla=False, has_sink=False,
+        use_sparse=False, use_mm_prefix=False, use_per_head_quant_scales=False, device_capability=None,
+        attn_type="decoder", use_kv_connector=True,
+    )
+    assert "KV connector not supported" in reasons
+
+
+def test_v2_model_runner_is_refused(monkeypatch):
+    from vllm.v1.worker import cpu_worker
+
+    from swaa_vllm.worker import SwaaCPUWorker
+
+    worker = SwaaCPUWorker.__new__(SwaaCPUWorker)
+
+    def fake_init_device(self):
+        self.model_runner = object()  # what VLLM_USE_V2_MODEL_RUNNER=1 would build instead
+
+    monkeypatch.setattr(cpu_worker.CPUWorker, "init_device", fake_init_device)
+    with pytest.raises(RuntimeError, match="VLLM_USE_V2_MODEL_RUNNER"):
+        worker.init_device()
