@@ -68,12 +68,21 @@ def _swaa_attention(module, query, key, value, attention_mask, scaling=None, dro
     return out.to(query.dtype)[None], None
 
 
-def load_model(model_dir: Path):
-    """The checkpoint in float32 with the SWAA reference attention registered."""
+def load_model(model_dir: Path, weights_dtype: torch.dtype = torch.float32):
+    """The checkpoint, computing in float32, with the SWAA reference attention registered.
+
+    ``weights_dtype=torch.bfloat16`` rounds the weights to bfloat16 first (still
+    computing in float32): the reference for a bfloat16 engine, which sees rounded
+    weights, so that only activation rounding separates the two.
+    """
     from transformers import AttentionInterface, AutoModelForCausalLM
 
     AttentionInterface.register(ATTN_NAME, _swaa_attention)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation=ATTN_NAME)
+    if weights_dtype != torch.float32:
+        with torch.no_grad():
+            for param in model.parameters():
+                param.copy_(param.to(weights_dtype).to(torch.float32))
     return model.eval()
 
 

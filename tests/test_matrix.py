@@ -42,11 +42,15 @@ MAX_TOKENS = 8
 # |delta logprob| is ~1e-4; 5e-3 leaves room for summation-order noise while any
 # mask error (a single key more or less in one layer) moves logprobs by >> 1e-2.
 F32_LOGPROB_TOL = 5e-3
-# bfloat16 engine vs float32 reference: 8-bit mantissas put ~0.4% relative error on
-# every matmul; over a few layers this reaches a few 1e-2 nats. A greedy token may
-# differ from the reference argmax only where the reference itself is within this
-# margin of a tie.
-BF16_LOGPROB_TOL = 0.15
+# bfloat16 engine vs a reference with the same bfloat16-rounded weights computing in
+# float32: 8-bit mantissas put ~0.4% relative error on every activation and the tiny
+# random models have large logits (init std 0.15). Measured on the bf16 case's model
+# with no swaa_config, 16 greedy steps: vLLM's own CPU_ATTN backend is off the
+# reference by up to 0.40 nats, swaa by up to 0.34. The bf16 case checks dtype
+# plumbing (casts, cache dtype), whose bugs give errors of several nats; the mask
+# itself is checked tightly by the float32 cases. A greedy token may differ from the
+# reference argmax only where the reference is within this margin of a tie.
+BF16_LOGPROB_TOL = 0.6
 
 
 @dataclass
@@ -191,7 +195,9 @@ def test_matches_reference_in_every_scheduler_situation(case, model_dir, tiny_di
     if "speculative_config" in case.engine_extra:
         assert metrics["vllm:spec_decode_num_accepted_tokens"] > 0, "speculative decoding accepted nothing"
 
-    model = hf_reference.load_model(ckpt)
+    import torch
+
+    model = hf_reference.load_model(ckpt, weights_dtype=getattr(torch, case.dtype))
     tol = F32_LOGPROB_TOL if case.dtype == "float32" else BF16_LOGPROB_TOL
     failures = []
     for wave, prompts in waves.items():

@@ -17,8 +17,13 @@ VOCAB = 512
 
 
 def make_checkpoint(path: Path, arch: str, *, num_layers: int, num_heads: int, num_kv_heads: int, head_dim: int,
-                    hidden: int = 128, seed: int = 0) -> Path:
-    """Write a random-weight ``arch`` in {"llama", "qwen2", "qwen3"} checkpoint to ``path``."""
+                    seed: int = 0) -> Path:
+    """Write a random-weight ``arch`` in {"llama", "qwen2", "qwen3"} checkpoint to ``path``.
+
+    ``hidden_size = num_heads * head_dim``: vLLM's Qwen2 derives the head size from
+    the hidden size, so any other choice would make vLLM and transformers disagree.
+    """
+    hidden = num_heads * head_dim
     from transformers import (
         LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM,
     )
