@@ -1,6 +1,7 @@
 # swaa-vllm: the two commands of the README.
 #   make serve   install everything into .venv, prepare the bundled model, serve it with --attention-backend swaa
 #   make test    install everything into .venv, run the test suite
+#   make sweep   the longer scheduler-situation matrix (on demand)
 # Variables: PORT (8000), HOST (127.0.0.1), SWAA_CONFIG (JSON), PYTHON (python3.11 or python3).
 
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
@@ -16,7 +17,7 @@ SWAA_CONFIG ?= {"sliding_window_size": 512, "keep_first": 64, "force_fa_decode":
 export VLLM_CPU_KVCACHE_SPACE ?= 2
 STAMP  := $(VENV)/.installed
 
-.PHONY: install serve test model clean
+.PHONY: install serve test sweep model clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +48,11 @@ serve: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/swaa-vllm-prepare-model
 	$(PY) -m pytest
+
+# The longer scheduler-situation sweep (tests/test_matrix.py SWEEP_CASES), on demand.
+sweep: $(STAMP)
+	$(VENV)/bin/swaa-vllm-prepare-model
+	SWAA_MATRIX=full $(PY) -m pytest tests/test_matrix.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis
