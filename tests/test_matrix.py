@@ -123,7 +123,7 @@ def _workload(case: Case, vocab: tuple[int, int], seed: int = 0):
         "seed": [seed_prompt],
         "turn1": [],  # filled by _run_engine
         "hits": [seed_prompt[: 2 * BLOCK] + tokens(5), seed_prompt[: 3 * BLOCK] + tokens(1),
-                 seed_prompt[:BLOCK] + tokens(case.window + 2)],
+                 seed_prompt[:BLOCK] + tokens(min(case.window + 2, 60))],
         "batch": [tokens(n) for n in _prompt_lengths(case.window)] + [seed_prompt],
         "preempt": [tokens(n) * 2 for n in (10, 13, 15, 11, 14, 12)],  # repeats: ngram drafts find matches
     }
