@@ -92,7 +92,9 @@ class SwaaMetadata:
         seq_lens: int32 ``[num_reqs]`` tokens per request including this step's.
         prompt_lens: int ``[num_reqs]`` prompt length P of each request.
         block_table: int32 ``[num_reqs, max_blocks_per_req]``.
-        slot_mapping: int64 ``[num_tokens]`` cache slot of each new token.
+
+    (New keys/values reach the cache through ``do_kv_cache_update``, which vLLM calls
+    with the step's slot mapping, so the metadata does not carry it.)
     """
 
     num_actual_tokens: int
@@ -100,7 +102,6 @@ class SwaaMetadata:
     seq_lens: torch.Tensor
     prompt_lens: torch.Tensor
     block_table: torch.Tensor
-    slot_mapping: torch.Tensor
 
 
 class SwaaMetadataBuilder(AttentionMetadataBuilder[SwaaMetadata]):
@@ -145,7 +146,6 @@ class SwaaMetadataBuilder(AttentionMetadataBuilder[SwaaMetadata]):
             seq_lens=cm.seq_lens[: cm.num_reqs].cpu(),
             prompt_lens=self.prompt_lens_source[: cm.num_reqs].clone(),
             block_table=cm.block_table_tensor[: cm.num_reqs],
-            slot_mapping=cm.slot_mapping,
         )
 
 
