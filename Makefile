@@ -39,6 +39,8 @@ model: $(STAMP)
 	$(VENV)/bin/swaa-vllm-prepare-model
 
 serve: $(STAMP)
+	@$(PY) -c 'import json, sys; json.loads(sys.argv[1])' '$(SWAA_CONFIG)' 2>/dev/null || \
+	  { echo "SWAA_CONFIG is not valid JSON: $(SWAA_CONFIG)" >&2; exit 2; }
 	@MODEL_DIR=$$($(VENV)/bin/swaa-vllm-prepare-model) && \
 	echo "Serving $$MODEL_DIR on http://$(HOST):$(PORT) with --attention-backend swaa" && \
 	exec $(VENV)/bin/vllm serve "$$MODEL_DIR" --served-model-name SmolLM2-135M-Instruct \

@@ -80,6 +80,8 @@ class SwaaPlan:
         n = len(self.layers)
         if not self.configured:
             return f"no swaa_config: all {n} layers use full causal attention (plain causal backend)"
+        if all(spec.is_full for spec in self.layers):
+            return f"swaa_config has no sliding_window_size: all {n} layers use full causal attention"
         groups: dict[str, list[int]] = {}
         for i, spec in enumerate(self.layers):
             if spec.is_full:

@@ -311,3 +311,7 @@ def test_non_positive_or_bool_layer_count_rejected(num_layers):
 def test_window_with_every_layer_full_is_rejected():
     with pytest.raises(SwaaConfigError, match="non_sliding_layers lists all 4 layers"):
         build_plan({"sliding_window_size": 8, "non_sliding_layers": [0, 1, 2, 3]}, 4)
+
+
+def test_empty_config_says_full_attention_everywhere():
+    assert build_plan({}, 3).describe() == "swaa_config has no sliding_window_size: all 3 layers use full causal attention"
