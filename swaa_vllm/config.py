@@ -158,7 +158,7 @@ def build_plan(raw: Any, num_layers: int) -> SwaaPlan:
         try:
             cfg = SwaaConfig.model_validate(dict(raw))
         except ValidationError as err:
-            raise SwaaConfigError(f"invalid swaa_config: {_format_validation_error(err)}; {_DOCS}") from None
+            raise SwaaConfigError(f"{_format_validation_error(err)}; {_DOCS}") from None
     _check_layers("non_sliding_layers", cfg.non_sliding_layers, num_layers)
     fa_list = cfg.force_fa_decode if isinstance(cfg.force_fa_decode, list) else []
     _check_layers("force_fa_decode", fa_list, num_layers)

@@ -1,8 +1,9 @@
 """Every change swaa-vllm makes to vLLM at plugin load, in one place.
 
 vLLM 0.32 lets a plugin register a backend by name, but three things stand
-between that and a working ``--attention-backend swaa`` on CPU. Each shim below is
-the smallest change that fixes one of them; ``tests/test_vllm_shims.py`` checks
+between that and a working ``--attention-backend swaa`` on CPU (shims 1-3), and
+vLLM's prefix cache cannot tell prompt KV from decode KV (shim 4). Each shim below
+is the smallest change that fixes one of them; ``tests/test_vllm_shims.py`` checks
 both that the shim works and that the vLLM behaviour it works around is still
 there, so a vLLM upgrade that makes a shim unnecessary (or breaks it) fails CI.
 
@@ -162,9 +163,10 @@ def _check_model_supported(vllm_config) -> None:
     problems = []
     if model_config.use_mla:
         problems.append("the model uses MLA attention; SWAA supports multi-head/grouped-query attention models")
-    if model_config.get_sliding_window() is not None:
+    native_window = model_config.get_sliding_window()
+    if native_window is not None:
         problems.append(
-            f"the model has its own sliding window ({model_config.get_sliding_window()}); use a full-attention "
+            f"the model has its own sliding window ({native_window}); use a full-attention "
             "model and set swaa_config.sliding_window_size instead"
         )
     if vllm_config.cache_config.cache_dtype != "auto":

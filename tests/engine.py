@@ -34,10 +34,15 @@ def llm_engine(model_dir: Path, **kwargs) -> Iterator[object]:
 
 
 def greedy(llm, prompt_token_ids: list[list[int]], max_tokens: int, logprobs: int = 0):
-    """Greedy continuations: list of (token_ids, [logprob of each chosen token])."""
+    """Greedy continuations: list of (token_ids, [logprob of each chosen token]).
+
+    Token ids only (no detokenization), so it also serves engines with ``skip_tokenizer_init``.
+    """
     from vllm import SamplingParams, TokensPrompt
 
-    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, logprobs=logprobs, ignore_eos=True)
+    params = SamplingParams(
+        max_tokens=max_tokens, temperature=0.0, logprobs=logprobs, ignore_eos=True, detokenize=False
+    )
     outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompt_token_ids], params, use_tqdm=False)
     result = []
     for out in outs:

@@ -146,9 +146,7 @@ def tiny_dirs(tmp_path_factory):
 
 
 def _run_engine(case: Case, model_dir: Path, waves: dict) -> tuple[dict, dict]:
-    from vllm import SamplingParams, TokensPrompt
-
-    from tests.engine import llm_engine
+    from tests.engine import greedy, llm_engine
 
     kwargs = dict(
         attention_backend="swaa", dtype=case.dtype, max_model_len=MAX_MODEL_LEN, block_size=BLOCK,
@@ -161,11 +159,7 @@ def _run_engine(case: Case, model_dir: Path, waves: dict) -> tuple[dict, dict]:
     outputs = {}
     with llm_engine(model_dir, **kwargs) as llm:
         def run(prompts, max_tokens):
-            params = SamplingParams(max_tokens=max_tokens, temperature=0.0, logprobs=1, ignore_eos=True,
-                                    detokenize=False)
-            outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
-            return [(list(o.outputs[0].token_ids),
-                     [step[t].logprob for t, step in zip(o.outputs[0].token_ids, o.outputs[0].logprobs)]) for o in outs]
+            return greedy(llm, prompts, max_tokens, logprobs=1)
 
         outputs["seed"] = run(waves["seed"], MAX_TOKENS)
         # A first turn whose generated tokens fill a block: that block is cached with KV
