@@ -1,0 +1,106 @@
+"""Random paged batches and their dense SWAA reference, for the GPU-path kernel tests.
+
+A batch is a list of requests ``(seq_len, q_len, prompt_len)``: the request's
+queries are its last ``q_len`` positions, the cache holds all ``seq_len`` keys in
+randomly chosen blocks of a shared pool (block table rows are random
+permutations, unused cache slots hold NaN so a stray read shows), and the
+expected output of each request is
+
+    reference_attention(q, k_all, v_all, swaa_mask(q_pos, arange(seq_len), P, W, k, fa_decode), scale)
+
+from :mod:`swaa_kernels.reference` on the dense, unpaged keys and values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from swaa_kernels.cpu import LayerMaskSpec
+from swaa_kernels.reference import reference_attention, swaa_mask
+
+
+@dataclass(repr=False)
+class PagedBatch:
+    """Inputs of ``paged_swaa_attention``-style kernels plus the dense K/V per request."""
+
+    reqs: list[tuple[int, int, int]]  # (seq_len, q_len, prompt_len)
+    query: torch.Tensor  # [num_tokens, H, D]
+    key_cache: torch.Tensor  # [num_blocks, block_size, Hkv, D] view (values interleaved, as in the backend)
+    value_cache: torch.Tensor
+    block_table: torch.Tensor  # int32 [num_reqs, max_blocks]
+    query_start_loc: torch.Tensor  # int32 [num_reqs + 1]
+    seq_lens: torch.Tensor  # int32 [num_reqs]
+    prompt_lens: torch.Tensor  # int32 [num_reqs]
+    dense_keys: list[torch.Tensor]  # per request [seq_len, Hkv, D]
+    dense_values: list[torch.Tensor]
+
+    def kernel_args(self) -> tuple:
+        return (self.query, self.key_cache, self.value_cache, self.block_table,
+                self.query_start_loc, self.seq_lens, self.prompt_lens)
+
+
+def make_batch(
+    reqs: list[tuple[int, int, int]],
+    num_heads: int,
+    num_kv_heads: int,
+    head_size: int,
+    block_size: int,
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+) -> PagedBatch:
+    """Random queries and a paged cache for ``reqs`` (see the module docstring)."""
+    gen = torch.Generator().manual_seed(seed)
+    blocks_per_req = [-(-s // block_size) for s, _, _ in reqs]
+    max_blocks = max(max(blocks_per_req), 1)
+    num_blocks = sum(blocks_per_req) + 3  # a few never-used blocks
+    kv = torch.full((num_blocks, block_size, num_kv_heads, 2 * head_size), float("nan"), dtype=dtype)
+    key_cache, value_cache = kv[..., :head_size], kv[..., head_size:]
+    perm = torch.randperm(num_blocks, generator=gen)
+    block_table = torch.zeros(len(reqs), max_blocks, dtype=torch.int32)
+    dense_keys, dense_values = [], []
+    used = 0
+    for r, (seq_len, q_len, _) in enumerate(reqs):
+        if q_len > seq_len:
+            raise ValueError(f"request {r}: q_len {q_len} > seq_len {seq_len}")
+        nb = blocks_per_req[r]
+        block_table[r, :nb] = perm[used : used + nb].int()
+        used += nb
+        k = torch.randn(seq_len, num_kv_heads, head_size, generator=gen).to(dtype)
+        v = torch.randn(seq_len, num_kv_heads, head_size, generator=gen).to(dtype)
+        for p in range(seq_len):
+            b = int(block_table[r, p // block_size])
+            key_cache[b, p % block_size] = k[p]
+            value_cache[b, p % block_size] = v[p]
+        dense_keys.append(k)
+        dense_values.append(v)
+    q_lens = [q for _, q, _ in reqs]
+    query_start_loc = torch.tensor([0] + torch.tensor(q_lens).cumsum(0).tolist(), dtype=torch.int32)
+    query = torch.randn(sum(q_lens), num_heads, head_size, generator=gen).to(dtype)
+    return PagedBatch(
+        reqs=list(reqs),
+        query=query,
+        key_cache=key_cache,
+        value_cache=value_cache,
+        block_table=block_table,
+        query_start_loc=query_start_loc,
+        seq_lens=torch.tensor([s for s, _, _ in reqs], dtype=torch.int32),
+        prompt_lens=torch.tensor([p for _, _, p in reqs], dtype=torch.int32),
+        dense_keys=dense_keys,
+        dense_values=dense_values,
+    )
+
+
+def reference_output(batch: PagedBatch, spec: LayerMaskSpec, scale: float) -> torch.Tensor:
+    """float64 ``[num_tokens, H, D]``: the dense reference of every request of ``batch``."""
+    out = torch.zeros(batch.query.shape, dtype=torch.float64)
+    starts = batch.query_start_loc.tolist()
+    for r, (seq_len, q_len, prompt_len) in enumerate(batch.reqs):
+        if q_len == 0:
+            continue
+        q_pos = torch.arange(seq_len - q_len, seq_len)
+        mask = swaa_mask(q_pos, torch.arange(seq_len), prompt_len, spec.window, spec.keep_first, spec.fa_decode)
+        out[starts[r] : starts[r + 1]] = reference_attention(
+            batch.query[starts[r] : starts[r + 1]], batch.dense_keys[r], batch.dense_values[r], mask, scale
+        )
+    return out
