@@ -33,6 +33,7 @@ from vllm.logger import init_logger
 from vllm.model_executor.models.utils import extract_layer_index
 from vllm.v1.attention.backend import (
     AttentionBackend,
+    AttentionCGSupport,
     AttentionImpl,
     AttentionLayer,
     AttentionMetadataBuilder,
@@ -111,7 +112,12 @@ class SwaaMetadataBuilder(AttentionMetadataBuilder[SwaaMetadata]):
     (``[>= num_reqs]`` prompt lengths in batch order, see
     :class:`swaa_vllm.worker.PromptLengthsRunnerMixin`); vLLM does not pass
     per-request prompt lengths to builders by default.
+
+    CUDA graphs: uniform (decode) batches, whose CUDA kernel reads only device
+    tensors (:mod:`swaa_vllm.cuda_path`); ignored on CPU.
     """
+
+    _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.UNIFORM_BATCH
 
     def __init__(
         self,
@@ -140,6 +146,10 @@ class SwaaMetadataBuilder(AttentionMetadataBuilder[SwaaMetadata]):
                 "run with the swaa worker (set automatically for --attention-backend swaa; "
                 "do not override --worker-cls)"
             )
+        if self.device.type == "cuda":
+            from swaa_vllm.cuda_path import build_cuda_metadata
+
+            return build_cuda_metadata(self, cm)
         return SwaaMetadata(
             num_actual_tokens=cm.num_actual_tokens,
             query_start_loc=cm.query_start_loc_cpu[: cm.num_reqs + 1],
@@ -234,6 +244,11 @@ class SwaaAttentionImpl(AttentionImpl[SwaaMetadata]):
         slot_mapping: torch.Tensor,
     ) -> None:
         """Write this step's keys/values ``[num_tokens, num_kv_heads, head_size]`` into the cache."""
+        if kv_cache.is_cuda:
+            from swaa_vllm.cuda_path import cuda_kv_views, write_kv_cache_cuda
+
+            write_kv_cache_cuda(key, value, *cuda_kv_views(kv_cache), slot_mapping)
+            return
         key_cache, value_cache = split_kv_cache(kv_cache)
         write_kv_cache(key, value, key_cache, value_cache, slot_mapping)
 
@@ -255,6 +270,13 @@ class SwaaAttentionImpl(AttentionImpl[SwaaMetadata]):
         if attn_metadata is None:  # profiling / warm-up run
             return output
         n = attn_metadata.num_actual_tokens
+        if query.is_cuda:  # Triton or flash-attn path, see swaa_vllm.cuda_path
+            from swaa_vllm.cuda_path import cuda_kv_views, forward_cuda
+
+            shape = (n, self.num_heads, self.head_size)
+            forward_cuda(query[:n].view(shape), *cuda_kv_views(kv_cache), attn_metadata,
+                         self._spec(layer.layer_name), self.scale, output[:n].view(shape))
+            return output
         key_cache, value_cache = split_kv_cache(kv_cache)
         paged_swaa_attention(
             query[:n].view(n, self.num_heads, self.head_size),

@@ -37,6 +37,14 @@ there, so a vLLM upgrade that makes a shim unnecessary (or breaks it) fails CI.
    later turn. Blocks inside the prompt keep vLLM's keys and are shared as usual.
    (vLLM's KV events, built in ``block_pool.py`` from its own import of the
    function, do not carry the extra key.)
+5. **CUDA config hook.** On CUDA no selector shim is needed: vLLM's CUDA platform
+   honours ``--attention-backend`` and validates the selected backend with
+   ``validate_configuration`` (``vllm/platforms/cuda.py``, 0.32 and 0.33). Its
+   ``check_and_update_config`` is wrapped like shim 3 to validate the plan, set
+   shim 4's flag and select :class:`swaa_vllm.worker.SwaaGPUWorker`; it refuses
+   vLLM's V2 model runner (the default in 0.33 when Triton is present), whose
+   metadata path the prompt-length hook does not cover yet: run with
+   ``VLLM_USE_V2_MODEL_RUNNER=0``.
 """
 
 from __future__ import annotations
@@ -53,6 +61,8 @@ BACKEND_NAME = "SWAA"  # --attention-backend swaa (vLLM upper-cases the name)
 BACKEND_PATH = "swaa_vllm.backend.SwaaAttentionBackend"
 CPU_WORKER = "swaa_vllm.worker.SwaaCPUWorker"
 _VLLM_CPU_WORKERS = ("auto", "vllm.v1.worker.cpu_worker.CPUWorker")
+GPU_WORKER = "swaa_vllm.worker.SwaaGPUWorker"
+_VLLM_GPU_WORKERS = ("auto", "vllm.v1.worker.gpu_worker.Worker")
 
 __all__ = ["install", "swaa_backend_member", "is_swaa_selected"]
 
@@ -115,8 +125,36 @@ def _patch_cpu_platform() -> None:
     CpuPlatform._swaa_patched = True
 
 
-def _after_platform_config(vllm_config, cpu_worker: str) -> None:
-    """Validate and log the SWAA plan, and select the SWAA worker (shim 3)."""
+def _patch_cuda_platform() -> None:
+    """Shim 5: the CUDA platform's config hook (only when vLLM runs on CUDA)."""
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cuda():
+        return
+    platform_cls = type(current_platform)
+    if getattr(platform_cls, "_swaa_patched", False):
+        return
+    original_check = platform_cls.check_and_update_config.__func__
+
+    @functools.wraps(original_check)
+    def check_and_update_config(cls, vllm_config) -> None:
+        original_check(cls, vllm_config)
+        if is_swaa_selected(vllm_config) and vllm_config.use_v2_model_runner:
+            raise ValueError(
+                "--attention-backend swaa needs vLLM's V1 GPU model runner (it passes prompt lengths to the "
+                "backend); set VLLM_USE_V2_MODEL_RUNNER=0"
+            )
+        _after_platform_config(vllm_config, cpu_worker=GPU_WORKER, vllm_workers=_VLLM_GPU_WORKERS)
+
+    platform_cls.check_and_update_config = classmethod(check_and_update_config)
+    platform_cls._swaa_patched = True
+
+
+def _after_platform_config(vllm_config, cpu_worker: str, vllm_workers: tuple[str, ...] = _VLLM_CPU_WORKERS) -> None:
+    """Validate and log the SWAA plan, and select the SWAA worker ``cpu_worker`` (shims 3 and 5).
+
+    ``vllm_workers``: the worker settings of vLLM's own that the SWAA worker replaces.
+    """
     from swaa_vllm.config import plan_from_hf_config
 
     model_config = vllm_config.model_config
@@ -145,7 +183,7 @@ def _after_platform_config(vllm_config, cpu_worker: str) -> None:
                 "so SWAA computes full attention; lower sliding_window_size to save prefill work.",
                 min(windows), max_len,
             )
-    if parallel_config.worker_cls not in _VLLM_CPU_WORKERS + (cpu_worker,):
+    if parallel_config.worker_cls not in vllm_workers + (cpu_worker,):
         raise ValueError(
             f"--attention-backend swaa needs its own worker ({cpu_worker}) to pass prompt lengths to the "
             f"attention backend, but --worker-cls is {parallel_config.worker_cls!r}; remove --worker-cls"
@@ -209,4 +247,5 @@ def install() -> None:
     """Apply all shims; idempotent, safe in every vLLM process."""
     swaa_backend_member()
     _patch_cpu_platform()
+    _patch_cuda_platform()
     _patch_block_hash_extra_keys()

@@ -18,8 +18,10 @@ from __future__ import annotations
 from swaa_vllm.backend import SwaaMetadataBuilder
 from vllm.v1.worker.cpu_model_runner import CPUModelRunner
 from vllm.v1.worker.cpu_worker import CPUWorker
+from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+from vllm.v1.worker.gpu_worker import Worker
 
-__all__ = ["PromptLengthsRunnerMixin", "SwaaCPUModelRunner", "SwaaCPUWorker"]
+__all__ = ["PromptLengthsRunnerMixin", "SwaaCPUModelRunner", "SwaaCPUWorker", "SwaaGPUModelRunner", "SwaaGPUWorker"]
 
 
 class PromptLengthsRunnerMixin:
@@ -56,3 +58,26 @@ class SwaaCPUWorker(CPUWorker):
         # SwaaCPUModelRunner adds one method override and no state, so re-classing the
         # runner CPUWorker.init_device just built is exact and avoids building it twice.
         self.model_runner.__class__ = SwaaCPUModelRunner
+
+
+class SwaaGPUModelRunner(PromptLengthsRunnerMixin, GPUModelRunner):
+    """vLLM's V1 GPU model runner plus :class:`PromptLengthsRunnerMixin`; no state of its own."""
+
+
+class SwaaGPUWorker(Worker):
+    """vLLM's GPU worker whose model runner is :class:`SwaaGPUModelRunner`.
+
+    Uses ``Worker._make_model_runner``, the hook vLLM's GPU worker provides for
+    subclasses (0.32 and 0.33).
+
+    Raises:
+        RuntimeError: if vLLM's V2 model runner is enabled (``VLLM_USE_V2_MODEL_RUNNER``,
+            the 0.33 default when Triton is present), which SWAA does not support yet.
+    """
+
+    def _make_model_runner(self) -> GPUModelRunner:
+        if self.use_v2_model_runner:
+            raise RuntimeError(
+                "the swaa backend needs vLLM's V1 GPU model runner; set VLLM_USE_V2_MODEL_RUNNER=0"
+            )
+        return SwaaGPUModelRunner(self.vllm_config, self.device)

@@ -174,3 +174,18 @@ def test_tile_visits(spec):
         last = visits[starts[0] + 199, 0]
         assert int(last.sum()) <= math.ceil(spec.keep_first / tile) + math.ceil((spec.window - 1 + block_q) / tile) + 1
         assert int(last.sum()) < max_tiles // 2
+
+
+def test_head_major_cache_views():
+    """The kernel reads vLLM's head-major (LBHNC) cache through the backend's CUDA views."""
+    from swaa_vllm.cuda_path import cuda_kv_views
+
+    batch = make_batch(BATCH[:4], 4, 2, 32, 8, seed=7)
+    token_major = torch.cat([batch.key_cache, batch.value_cache], dim=-1)  # [nb, bs, Hkv, 2D]
+    head_major = token_major.permute(0, 2, 1, 3).contiguous()  # logical [nb, Hkv, bs, 2D], LBHNC memory
+    key_cache, value_cache = cuda_kv_views(head_major)
+    assert key_cache.shape == batch.key_cache.shape and not key_cache.is_contiguous()
+    spec = SPECS["W5_k3_fa"]
+    out = triton_paged_swaa_attention(batch.query, key_cache, value_cache, *batch.kernel_args()[3:], spec, 0.2,
+                                      block_m=16, tile_n=16)
+    torch.testing.assert_close(out.double(), reference_output(batch, spec, 0.2), **TOL[torch.float32])
