@@ -1,27 +1,61 @@
-"""SWAA attention over a paged KV cache on CPU, in plain torch.
+"""SWAA attention over a paged KV cache on CPU.
 
-The path for every CPU forward of the ``swaa`` vLLM backend, usable without vLLM.
-It loops over requests and over query tiles, never over tokens: each tile of
-``query_tile`` prompt rows of a sliding layer is given only the keys it can see
-(the sinks ``[0, keep_first)`` and its window ``[tile_start - W + 1, tile_end)``),
-so a sliding layer's prefill costs O(n * (W + k + query_tile)) instead of
-O(n^2 / 2). The exact mask inside a tile is applied with torch's fused
+The path for every CPU forward of the ``swaa`` vLLM backend; it needs only torch.
+
+**Row classes.** Within one layer and one scheduler step, each query row (a token at
+absolute position ``i`` of a request with prompt length ``P``) falls in one of three
+classes, fixed by ``shared/SWAA.md``'s rule (:func:`plan_rows`):
+
+* *causal*: the row sees every key ``j <= i``. Rows of full-attention layers,
+  generated rows of FA-decode layers, and prompt rows of a sliding layer whose
+  window already reaches the sinks (``i - W + 1 <= k``, so sinks plus window is
+  ``[0, i]``).
+* *windowed*: the row sees ``(i - W, i]``. Sliding rows of a layer without sinks
+  (``k == 0``).
+* *sink-window*: the row sees ``[0, k)`` and ``(i - W, i]``, two disjoint ranges
+  (``i >= W + k``). Sliding rows of a layer with sinks.
+
+Causal and windowed rows go to a *paged attention primitive*
+(:data:`PagedAttention`): by default :func:`torch_paged_attention` (plain torch,
+this module), in the vLLM backend vLLM's own C++ CPU attention op
+(``swaa_vllm.cpu_attention_op``), the kernel behind vLLM's ``CPU_ATTN`` backend, so
+full-attention layers and full-attention decode run exactly as fast as there.
+Sink-window rows, which no library kernel expresses, are attended here in query tiles
+of ``query_tile`` rows; each tile is given only its keys (the sinks and the window
+of its rows), so a sliding layer's prefill costs O(n * (W + k + query_tile)), not
+O(n^2 / 2), and the exact mask inside a tile is applied by torch's fused
 ``scaled_dot_product_attention``.
 
-Cache layout (owned by this project, not vLLM's CPU_ATTN layout):
-``key_cache`` and ``value_cache`` are ``[num_blocks, block_size, num_kv_heads,
-head_size]`` views; the token at absolute position ``p`` of request ``r`` lives in
-block ``block_table[r, p // block_size]`` at offset ``p % block_size``.
+**Cache layout** (vLLM's CPU attention layout, ISA ``vec``/``vec16``; checked against
+vLLM's own writer by ``tests/test_cpu_kernel.py`` and at backend start-up): one
+layer's cache is ``kv_cache`` ``[num_blocks, num_kv_heads, block_size, 2 * head_size]``
+(contiguous). Per block and KV head, the first ``block_size * head_size`` elements
+hold the keys *transposed* (``[head_size, block_size]``), the next ones the values
+(``[block_size, head_size]``). The token at absolute position ``p`` of request ``r``
+is at offset ``p % block_size`` of block ``block_table[r, p // block_size]``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["LayerMaskSpec", "paged_swaa_attention", "write_kv_cache"]
+__all__ = [
+    "FULL_ATTENTION",
+    "LayerMaskSpec",
+    "PagedAttention",
+    "PagedBatch",
+    "RowPlan",
+    "key_blocks",
+    "paged_swaa_attention",
+    "plan_rows",
+    "torch_paged_attention",
+    "value_blocks",
+    "write_kv_cache",
+]
 
 
 @dataclass(frozen=True)
@@ -47,71 +81,337 @@ class LayerMaskSpec:
 
 FULL_ATTENTION = LayerMaskSpec(window=None)
 
-# Query rows (query heads per KV head x tile rows) up to which a tile is attended with
-# a plain float32 matmul + softmax instead of torch's fused kernel (see _attend).
-SMALL_QUERY_ROWS = 64
+
+# ---------------------------------------------------------------------------
+# Cache layout.
+# ---------------------------------------------------------------------------
 
 
-def write_kv_cache(
-    key: torch.Tensor,
-    value: torch.Tensor,
-    key_cache: torch.Tensor,
-    value_cache: torch.Tensor,
-    slot_mapping: torch.Tensor,
-) -> None:
-    """Scatter new keys and values into the paged cache.
+def key_blocks(kv_cache: torch.Tensor) -> torch.Tensor:
+    """Keys of a layer cache, ``[num_blocks, num_kv_heads, head_size, block_size]`` (a view).
 
     Args:
-        key, value: ``[num_tokens, num_kv_heads, head_size]``.
-        key_cache, value_cache: ``[num_blocks, block_size, num_kv_heads, head_size]``,
-            written in place; must share their storage layout with the views that
-            :func:`paged_swaa_attention` reads.
-        slot_mapping: int ``[>= num_tokens]``; slot ``block_id * block_size + offset``
-            of each token, negative for padding tokens (skipped).
+        kv_cache: ``[num_blocks, num_kv_heads, block_size, 2 * head_size]``, contiguous.
+    """
+    nb, hkv, bs, d2 = kv_cache.shape
+    return kv_cache.view(nb, hkv, 2, d2 // 2, bs)[:, :, 0]
+
+
+def value_blocks(kv_cache: torch.Tensor) -> torch.Tensor:
+    """Values of a layer cache, ``[num_blocks, num_kv_heads, block_size, head_size]`` (a view)."""
+    nb, hkv, bs, d2 = kv_cache.shape
+    return kv_cache.view(nb, hkv, 2, bs, d2 // 2)[:, :, 1]
+
+
+def write_kv_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """Scatter new keys and values into the paged cache (plain torch).
+
+    The same result as vLLM's ``cpu_attn_reshape_and_cache`` with ISA ``vec``/``vec16``
+    (the backend calls that op; this one serves use without vLLM and the tests).
+
+    Args:
+        key, value: ``[num_tokens, num_kv_heads, head_size]``, any float dtype (cast to
+            the cache dtype).
+        kv_cache: ``[num_blocks, num_kv_heads, block_size, 2 * head_size]``, written in place.
+        slot_mapping: int ``[>= num_tokens]``; slot ``block_id * block_size + offset`` of
+            each token, negative for padding tokens (skipped); entries past
+            ``num_tokens`` are ignored.
     """
     num_tokens = key.shape[0]
+    bs = kv_cache.shape[2]
     slots = slot_mapping[:num_tokens].long()
     valid = slots >= 0
     if not bool(valid.all()):
         slots, key, value = slots[valid], key[valid], value[valid]
-    key_cache.view(-1, *key_cache.shape[2:]).index_copy_(0, slots, key.to(key_cache.dtype))
-    value_cache.view(-1, *value_cache.shape[2:]).index_copy_(0, slots, value.to(value_cache.dtype))
+    blocks, offsets = slots // bs, slots % bs
+    kb, vb = key_blocks(kv_cache), value_blocks(kv_cache)
+    # Advanced indices on dims 0 and 3 (keys) / 0 and 2 (values): rows are [tokens, Hkv, D].
+    kb[blocks, :, :, offsets] = key.to(kv_cache.dtype)
+    vb[blocks, :, offsets, :] = value.to(kv_cache.dtype)
 
 
-def _visible_key_positions(start: int, end: int, prompt_len: int, spec: LayerMaskSpec) -> torch.Tensor:
-    """Positions of the keys any query in ``[start, end)`` can see, ascending.
+def _gather_keys(
+    kv_cache: torch.Tensor, block_row: torch.Tensor, ranges: list[tuple[int, int]]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Keys, values and positions of the given position ranges of one request.
 
-    A tile containing a full-attention row (full layer, or a generated row with
-    FA decode) needs every key ``[0, end)``; otherwise only the sinks and the
-    window of the tile's first row up to its last row.
+    Reads whole blocks, then keeps exactly the positions asked for, so slots that
+    were never written (past the sequence end) never enter the attention.
+
+    Args:
+        kv_cache: a layer cache (see the module docstring).
+        block_row: int ``[max_blocks]``, the request's block-table row.
+        ranges: ascending, disjoint ``[lo, hi)`` position ranges.
+
+    Returns:
+        ``(keys [Hkv, L, D], values [Hkv, L, D], positions int64 [L])``.
     """
-    needs_all = spec.is_full or (spec.fa_decode and end - 1 >= prompt_len)
-    if needs_all:
-        return torch.arange(end)
-    sink_end = min(spec.keep_first, end)
-    window_start = max(sink_end, start - spec.window + 1)
-    return torch.cat([torch.arange(sink_end), torch.arange(window_start, end)])
+    bs = kv_cache.shape[2]
+    kb, vb = key_blocks(kv_cache), value_blocks(kv_cache)
+    hkv, d = kb.shape[1], kb.shape[2]
+    keys, values, positions = [], [], []
+    for lo, hi in ranges:
+        b0, b1 = lo // bs, (hi - 1) // bs + 1
+        ids = block_row[b0:b1].long()
+        n = (b1 - b0) * bs
+        k = kb.index_select(0, ids).permute(1, 0, 3, 2).reshape(hkv, n, d)
+        v = vb.index_select(0, ids).permute(1, 0, 2, 3).reshape(hkv, n, d)
+        keys.append(k[:, lo - b0 * bs : hi - b0 * bs])
+        values.append(v[:, lo - b0 * bs : hi - b0 * bs])
+        positions.append(torch.arange(lo, hi))
+    if len(ranges) == 1:
+        return keys[0], values[0], positions[0]
+    return torch.cat(keys, 1), torch.cat(values, 1), torch.cat(positions)
 
 
-def _tile_mask(
-    query_positions: torch.Tensor, key_positions: torch.Tensor, prompt_len: int, spec: LayerMaskSpec
-) -> torch.Tensor:
-    """Bool ``[num_queries, num_keys]``: the SWAA rule restricted to a tile's keys."""
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """Fused attention of one tile, grouped-query heads folded into the query axis.
+
+    ``q`` ``[T, H, D]``, ``k``/``v`` ``[Hkv, L, D]``, ``mask`` bool ``[T, L]`` (True =
+    attend) or None (all visible). Query head ``h`` reads KV head ``h // (H // Hkv)``;
+    its rows are stacked per KV head as ``[1, Hkv, group * T, D]`` so every KV head is
+    read once. The 4-D call matters: torch's CPU flash kernel serves it, while a 3-D
+    call takes a path ~3.5x slower (measured, bundled shapes, 128-row tiles).
+    Returns ``[T, H, D]`` in ``q.dtype``.
+    """
+    t, h, d = q.shape
+    hkv = k.shape[0]
+    group = h // hkv
+    qg = q.view(t, hkv, group, d).permute(1, 2, 0, 3).reshape(1, hkv, group * t, d)
+    if mask is not None and group > 1:
+        mask = mask.repeat(group, 1)
+    o = F.scaled_dot_product_attention(qg, k.to(q.dtype)[None], v.to(q.dtype)[None], attn_mask=mask, scale=scale)
+    return o.view(hkv, group, t, d).permute(2, 0, 1, 3).reshape(t, h, d)
+
+
+def _band_mask(query_positions: torch.Tensor, key_positions: torch.Tensor, window: int | None, sinks: int) -> torch.Tensor:
+    """Bool ``[T, L]``: ``j <= i`` and (no window, or ``j < sinks``, or ``j > i - window``)."""
     i = query_positions[:, None]
     j = key_positions[None, :]
-    causal = j <= i
-    if spec.is_full:
-        return causal
-    sliding = causal & ((j < spec.keep_first) | (j > i - spec.window))
-    if spec.fa_decode:
-        return torch.where(i >= prompt_len, causal, sliding)
-    return sliding
+    mask = j <= i
+    if window is not None:
+        mask &= (j < sinks) | (j > i - window)
+    return mask
+
+
+# ---------------------------------------------------------------------------
+# Row classes.
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class PagedBatch:
+    """Query rows handed to a paged attention primitive, as a batch of segments.
+
+    A segment is a run of consecutive query rows of one request whose last row is the
+    last key it may see; a request can give several segments (e.g. its early prompt
+    rows and its generated rows). All tensors are CPU tensors.
+
+    Attributes:
+        rows: int64 ``[num_rows]`` indices of the rows into the step's queries, or
+            None when the segments are exactly the step's requests (no gather).
+        query_start_loc: int32 ``[num_segments + 1]`` cumulative segment lengths.
+        seq_lens: int32 ``[num_segments]`` keys of each segment (its last row's position + 1).
+        block_table: int32 ``[num_segments, max_blocks]`` each segment's request row.
+        window: W for windowed rows (keys ``(i - W, i]``), None for causal rows.
+        prepared: scratch space where a primitive caches per-step state (e.g. vLLM's
+            scheduler metadata), keyed by the primitive.
+    """
+
+    rows: torch.Tensor | None
+    query_start_loc: torch.Tensor
+    seq_lens: torch.Tensor
+    block_table: torch.Tensor
+    window: int | None
+    prepared: dict = field(default_factory=dict)
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.query_start_loc[-1])
+
+
+@dataclass
+class RowPlan:
+    """Where each query row of one step goes for one layer spec (see the module docstring).
+
+    Attributes:
+        causal: rows that see every earlier key, or None.
+        windowed: rows that see ``(i - W, i]``, or None.
+        sink_window: ``(request, first_row, end_row, first_position)`` runs of rows
+            that see ``[0, k)`` and ``(i - W, i]``.
+    """
+
+    causal: PagedBatch | None
+    windowed: PagedBatch | None
+    sink_window: list[tuple[int, int, int, int]]
+
+
+def _paged_batch(
+    segments: list[tuple[int, int, int, int]],
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_table: torch.Tensor,
+    window: int | None,
+) -> PagedBatch | None:
+    """Segments ``(request, first_row, end_row, seq_len)`` -> :class:`PagedBatch`."""
+    if not segments:
+        return None
+    num_reqs = seq_lens.shape[0]
+    starts = query_start_loc.tolist()
+    identity = len(segments) == num_reqs and all(
+        s == (r, starts[r], starts[r + 1], n) for r, (s, n) in enumerate(zip(segments, seq_lens.tolist()))
+    )
+    if identity:
+        return PagedBatch(None, query_start_loc.to(torch.int32), seq_lens.to(torch.int32), block_table, window)
+    lengths = [end - first for _, first, end, _ in segments]
+    qsl = torch.zeros(len(segments) + 1, dtype=torch.int32)
+    qsl[1:] = torch.tensor(lengths, dtype=torch.int32).cumsum(0)
+    rows = torch.cat([torch.arange(first, end) for _, first, end, _ in segments])
+    requests = torch.tensor([r for r, *_ in segments])
+    return PagedBatch(
+        rows,
+        qsl,
+        torch.tensor([n for *_, n in segments], dtype=torch.int32),
+        block_table.index_select(0, requests),
+        window,
+    )
+
+
+def plan_rows(
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    prompt_lens: torch.Tensor,
+    block_table: torch.Tensor,
+    spec: LayerMaskSpec,
+) -> RowPlan:
+    """Split one step's query rows into the causal, windowed and sink-window classes.
+
+    The queries of request ``r`` are rows ``query_start_loc[r]:query_start_loc[r+1]``
+    at positions ``seq_lens[r] - q_len .. seq_lens[r] - 1``; a row is a prompt row iff
+    its position is below ``prompt_lens[r]`` (``shared/SWAA.md``: roles come from
+    positions, never from how the scheduler batched them). Costs O(num_reqs) Python
+    work, independent of context length; computed once per step and spec.
+
+    Args:
+        query_start_loc: int ``[num_reqs + 1]`` (CPU).
+        seq_lens: int ``[num_reqs]`` tokens of each request including this step's.
+        prompt_lens: int ``[num_reqs]``.
+        block_table: int32 ``[num_reqs, max_blocks]``.
+        spec: the layer's mask.
+
+    Raises:
+        ValueError: if a request's query is longer than its sequence.
+    """
+    starts = query_start_loc.tolist()
+    causal, windowed, sink_window = [], [], []
+    for r, (kv_len, prompt_len) in enumerate(zip(seq_lens.tolist(), prompt_lens.tolist())):
+        first_row, end_row = starts[r], starts[r + 1]
+        q_len = end_row - first_row
+        context = kv_len - q_len
+        if context < 0:
+            raise ValueError(f"request {r}: query length {q_len} exceeds sequence length {kv_len}")
+        if q_len == 0:
+            continue
+
+        def row(position: int, first_row: int = first_row, context: int = context) -> int:
+            return first_row + position - context
+
+        if spec.is_full:
+            causal.append((r, first_row, end_row, kv_len))
+            continue
+        generated_from = min(max(prompt_len, context), kv_len)  # first generated position among the rows
+        sliding_end = generated_from if spec.fa_decode else kv_len  # sliding rows: [context, sliding_end)
+        if spec.keep_first == 0:
+            if sliding_end > context:
+                windowed.append((r, first_row, row(sliding_end), sliding_end))
+        else:
+            # Rows below W + k see [0, i] (their window starts inside the sinks).
+            split = min(max(spec.window + spec.keep_first, context), sliding_end)
+            if split > context:
+                causal.append((r, first_row, row(split), split))
+            if sliding_end > split:
+                sink_window.append((r, row(split), row(sliding_end), split))
+        if sliding_end < kv_len:
+            causal.append((r, row(sliding_end), end_row, kv_len))
+    return RowPlan(
+        causal=_paged_batch(causal, query_start_loc, seq_lens, block_table, None),
+        windowed=_paged_batch(windowed, query_start_loc, seq_lens, block_table, spec.window),
+        sink_window=sink_window,
+    )
+
+
+# ---------------------------------------------------------------------------
+# Attention.
+# ---------------------------------------------------------------------------
+
+#: A paged attention primitive: ``fn(query, kv_cache, batch, scale, out)`` writes, for
+#: every segment of ``batch``, the attention of its rows ``query[qsl[s]:qsl[s+1]]``
+#: (``[num_rows, H, D]``, the last rows of a ``seq_lens[s]``-key sequence) over keys
+#: ``j <= i`` (and ``j > i - batch.window`` if set) into ``out`` (same shape).
+PagedAttention = Callable[[torch.Tensor, torch.Tensor, PagedBatch, float, torch.Tensor], None]
+
+
+def torch_paged_attention(
+    query: torch.Tensor, kv_cache: torch.Tensor, batch: PagedBatch, scale: float, out: torch.Tensor, query_tile: int = 128
+) -> None:
+    """Plain-torch :data:`PagedAttention` (causal or windowed), in query tiles.
+
+    Each tile of a segment is given the keys ``[0, end)`` (causal) or
+    ``[start - W + 1, end)`` (windowed) and attended with torch's fused attention.
+    Used without vLLM and by the tests; the vLLM backend uses vLLM's C++ op instead.
+    """
+    starts = batch.query_start_loc.tolist()
+    for s, kv_len in enumerate(batch.seq_lens.tolist()):
+        first, end = starts[s], starts[s + 1]
+        context = kv_len - (end - first)
+        for t0 in range(first, end, query_tile):
+            t1 = min(t0 + query_tile, end)
+            p0, p1 = context + t0 - first, context + t1 - first  # positions of the tile's rows
+            lo = 0 if batch.window is None else max(0, p0 - batch.window + 1)
+            k, v, kpos = _gather_keys(kv_cache, batch.block_table[s], [(lo, p1)])
+            mask = _band_mask(torch.arange(p0, p1), kpos, batch.window, 0)
+            out[t0:t1] = _attend(query[t0:t1], k, v, None if t1 - t0 == 1 else mask, scale)
+
+
+def _sink_window_attention(
+    query: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    runs: list[tuple[int, int, int, int]],
+    spec: LayerMaskSpec,
+    scale: float,
+    out: torch.Tensor,
+    query_tile: int,
+) -> None:
+    """Sink-window rows (positions >= W + k), tile by tile: keys ``[0, k)`` + the tile's window."""
+    k_sinks, window = spec.keep_first, spec.window
+    for r, first, end, position in runs:
+        for t0 in range(first, end, query_tile):
+            t1 = min(t0 + query_tile, end)
+            p0 = position + t0 - first
+            p1 = p0 + t1 - t0
+            # p0 >= W + k, so the window start p0 - W + 1 > k: the two ranges are disjoint.
+            k, v, kpos = _gather_keys(kv_cache, block_table[r], [(0, k_sinks), (p0 - window + 1, p1)])
+            mask = _band_mask(torch.arange(p0, p1), kpos, window, k_sinks)
+            out[t0:t1] = _attend(query[t0:t1], k, v, None if t1 - t0 == 1 else mask, scale)
+
+
+def _run_batch(
+    fn: PagedAttention, query: torch.Tensor, kv_cache: torch.Tensor, batch: PagedBatch, scale: float, out: torch.Tensor
+) -> None:
+    if batch.rows is None:
+        n = batch.num_rows
+        fn(query[:n], kv_cache, batch, scale, out[:n])
+        return
+    q = query.index_select(0, batch.rows)
+    o = torch.empty_like(q)
+    fn(q, kv_cache, batch, scale, o)
+    out.index_copy_(0, batch.rows, o)
 
 
 def paged_swaa_attention(
     query: torch.Tensor,
-    key_cache: torch.Tensor,
-    value_cache: torch.Tensor,
+    kv_cache: torch.Tensor,
     block_table: torch.Tensor,
     query_start_loc: torch.Tensor,
     seq_lens: torch.Tensor,
@@ -119,7 +419,10 @@ def paged_swaa_attention(
     spec: LayerMaskSpec,
     scale: float,
     out: torch.Tensor | None = None,
-    query_tile: int = 256,
+    *,
+    plan: RowPlan | None = None,
+    paged_attention: PagedAttention = torch_paged_attention,
+    query_tile: int = 128,
 ) -> torch.Tensor:
     """SWAA attention of a batch of requests whose keys are in a paged cache.
 
@@ -129,16 +432,19 @@ def paged_swaa_attention(
     prompt token iff its position is below ``prompt_lens[r]``.
 
     Args:
-        query: ``[num_tokens, num_heads, head_size]``, float16/bfloat16/float32.
-        key_cache, value_cache: ``[num_blocks, block_size, num_kv_heads, head_size]``.
-        block_table: int ``[num_reqs, max_blocks_per_req]``.
+        query: ``[num_tokens, num_heads, head_size]``, float16/bfloat16/float32, same
+            dtype as the cache.
+        kv_cache: ``[num_blocks, num_kv_heads, block_size, 2 * head_size]`` (module docstring).
+        block_table: int32 ``[num_reqs, max_blocks_per_req]``.
         query_start_loc: int ``[num_reqs + 1]`` cumulative query lengths (CPU).
         seq_lens: int ``[num_reqs]`` tokens of each request including this step's.
         prompt_lens: int ``[num_reqs]`` prompt length P of each request.
         spec: the layer's mask parameters.
         scale: softmax scale.
         out: optional ``[>= num_tokens, num_heads, head_size]`` output buffer.
-        query_tile: query rows per fused attention call.
+        plan: :func:`plan_rows` of these arguments, when the caller caches it per step.
+        paged_attention: the primitive for causal and windowed rows.
+        query_tile: query rows per sink-window attention call.
 
     Returns:
         ``[num_tokens, num_heads, head_size]`` in ``query.dtype`` (``out`` if given).
@@ -146,65 +452,14 @@ def paged_swaa_attention(
     Raises:
         ValueError: if a request's query is longer than its sequence.
     """
-    num_tokens, num_heads, head_size = query.shape
-    num_kv_heads = key_cache.shape[2]
-    block_size = key_cache.shape[1]
+    num_tokens = query.shape[0]
     if out is None:
         out = torch.empty_like(query)
-    flat_keys = key_cache.view(-1, num_kv_heads, head_size)
-    flat_values = value_cache.view(-1, num_kv_heads, head_size)
-    starts = query_start_loc.tolist()
-    lens = seq_lens.tolist()
-    prompts = prompt_lens.tolist()
-    for r, kv_len in enumerate(lens):
-        q_begin, q_end = starts[r], starts[r + 1]
-        q_len = q_end - q_begin
-        if q_len == 0:
-            continue
-        context = kv_len - q_len
-        if context < 0:
-            raise ValueError(f"request {r}: query length {q_len} exceeds sequence length {kv_len}")
-        blocks = block_table[r].long()
-        for t0 in range(0, q_len, query_tile):
-            t1 = min(t0 + query_tile, q_len)
-            q_pos = torch.arange(context + t0, context + t1)
-            k_pos = _visible_key_positions(context + t0, context + t1, prompts[r], spec)
-            slots = blocks[k_pos // block_size] * block_size + k_pos % block_size
-            mask = _tile_mask(q_pos, k_pos, prompts[r], spec)
-            out[q_begin + t0 : q_begin + t1] = _attend(
-                query[q_begin + t0 : q_begin + t1],
-                flat_keys.index_select(0, slots),
-                flat_values.index_select(0, slots),
-                None if t1 - t0 == 1 and bool(mask.all()) else mask,
-                scale,
-            )
+    if plan is None:
+        plan = plan_rows(query_start_loc, seq_lens, prompt_lens, block_table, spec)
+    for batch in (plan.causal, plan.windowed):
+        if batch is not None:
+            _run_batch(paged_attention, query, kv_cache, batch, scale, out)
+    if plan.sink_window:
+        _sink_window_attention(query, kv_cache, block_table, plan.sink_window, spec, scale, out, query_tile)
     return out[:num_tokens]
-
-
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
-    """Fused attention of one tile with grouped-query heads folded into the query axis.
-
-    ``q`` ``[Tq, H, D]``, ``k``/``v`` ``[K, Hkv, D]``, ``mask`` bool ``[Tq, K]`` or None
-    (all visible). Query head ``h`` reads KV head ``h // (H // Hkv)``; its ``Tq`` rows
-    are stacked per KV head as ``[Hkv, group * Tq, D]`` so every KV head is read once
-    (faster on CPU than ``enable_gqa``, which expands K/V per query head).
-    Returns ``[Tq, H, D]``.
-    """
-    t, h, d = q.shape
-    hkv = k.shape[1]
-    group = h // hkv
-    qg = q.view(t, hkv, group, d).permute(1, 2, 0, 3).reshape(hkv, group * t, d)
-    if mask is not None and group > 1:
-        mask = mask.repeat(group, 1)
-    k, v = k.transpose(0, 1), v.transpose(0, 1)
-    if group * t <= SMALL_QUERY_ROWS:
-        # Decode-sized tiles: a plain float32 matmul + softmax beats torch's fused CPU
-        # kernel by 1.3-3.4x here (bf16, 3 rows x 4k keys: 0.44 vs 1.49 ms), which wins
-        # from about 64 rows up (768 rows x 4k keys: 60 vs 77 ms).
-        scores = (qg.float() @ k.float().transpose(1, 2)) * scale
-        if mask is not None:
-            scores = scores.masked_fill(~mask, float("-inf"))
-        o = (torch.softmax(scores, dim=-1) @ v.float()).to(q.dtype)
-    else:
-        o = F.scaled_dot_product_attention(qg, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, scale=scale)
-    return o.view(hkv, group, t, d).permute(2, 0, 1, 3).reshape(t, h, d)

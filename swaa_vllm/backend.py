@@ -8,28 +8,35 @@ layer. The mask of each layer comes from the model's ``swaa_config``
 comes from its position against its request's prompt length, which
 :class:`swaa_vllm.worker.PromptLengthsRunnerMixin` hands to the builder each step.
 
-KV cache layout: vLLM allocates each layer ``[num_blocks, num_kv_heads,
-block_size, 2 * head_size]`` in the physical order ``LBNHC`` that
-:meth:`SwaaAttentionBackend.supported_kv_cache_layouts` requests, i.e. memory is
-``[num_blocks, block_size, num_kv_heads, 2 * head_size]`` with the key in the first
-``head_size`` channels and the value in the last. :func:`split_kv_cache` gives the
-``[num_blocks, block_size, num_kv_heads, head_size]`` views that :mod:`swaa_kernels.cpu`
-reads and writes. Every layer keeps a full-attention KV spec, so vLLM never frees a
-block that FA decode will read.
+KV cache layout: vLLM's own CPU attention layout. vLLM allocates each layer
+``[num_blocks, num_kv_heads, block_size, 2 * head_size]`` in the order ``LBHNC``
+(as for ``CPU_ATTN``); keys and values are written by vLLM's
+``cpu_attn_reshape_and_cache`` op and read both by vLLM's C++ attention op (rows
+whose keys are one contiguous range) and by :mod:`swaa_kernels.cpu` (sink-window
+rows); see :mod:`swaa_vllm.cpu_attention_op`. Every layer keeps a full-attention KV
+spec, so vLLM never frees a block that FA decode will read.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
 
-from swaa_kernels.cpu import LayerMaskSpec, paged_swaa_attention, write_kv_cache
+from swaa_kernels.cpu import LayerMaskSpec, RowPlan, paged_swaa_attention, plan_rows
 from swaa_vllm.config import SwaaPlan, plan_from_hf_config
+from swaa_vllm.cpu_attention_op import (
+    SUPPORTED_HEAD_SIZES,
+    VllmCpuPagedAttention,
+    check_cache_layout,
+    cpu_attention_isa,
+    write_kv_cache_op,
+)
 from swaa_vllm.vllm_shims import BACKEND_NAME
 from vllm.config import VllmConfig, get_current_vllm_config
 from vllm.logger import init_logger
+from vllm.platforms import current_platform
 from vllm.model_executor.models.utils import extract_layer_index
 from vllm.v1.attention.backend import (
     AttentionBackend,
@@ -39,6 +46,7 @@ from vllm.v1.attention.backend import (
     AttentionMetadataBuilder,
     AttentionType,
     CommonAttentionMetadata,
+    MultipleOf,
 )
 from vllm.v1.kv_cache_interface import AttentionSpec
 from vllm.v1.kv_cache_layout import KVCacheLayout
@@ -67,9 +75,18 @@ class SwaaAttentionBackend(AttentionBackend):
 
     @classmethod
     def supported_kv_cache_layouts(cls) -> tuple[KVCacheLayout, ...]:
-        # Token-major blocks: one token's heads are contiguous, so a slot gather
-        # is a single index_select over [num_blocks * block_size, H, 2D].
-        return (KVCacheLayout.LBNHC,)
+        # CPU: vLLM's CPU attention op reads head-major block interiors (as CPU_ATTN).
+        # CUDA: token-major pages, as vLLM's FLASH_ATTN (the Triton kernel takes any strides).
+        return (KVCacheLayout.LBHNC,) if current_platform.is_cpu() else (KVCacheLayout.LBNHC,)
+
+    @staticmethod
+    def get_supported_kernel_block_sizes(kv_cache_spec=None) -> list[int | MultipleOf]:
+        # vLLM's CPU attention op: ISA vec for multiples of 32, vec16 for multiples of 16.
+        return [MultipleOf(16)]
+
+    @classmethod
+    def get_supported_head_sizes(cls) -> list[int]:
+        return list(SUPPORTED_HEAD_SIZES)  # those of vLLM's CPU attention op
 
     @classmethod
     def supports_attn_type(cls, attn_type: str) -> bool:
@@ -93,6 +110,7 @@ class SwaaMetadata:
         seq_lens: int32 ``[num_reqs]`` tokens per request including this step's.
         prompt_lens: int ``[num_reqs]`` prompt length P of each request.
         block_table: int32 ``[num_reqs, max_blocks_per_req]``.
+        row_plans: per layer spec, where each query row goes (filled on first use).
 
     (New keys/values reach the cache through ``do_kv_cache_update``, which vLLM calls
     with the step's slot mapping, so the metadata does not carry it.)
@@ -103,6 +121,15 @@ class SwaaMetadata:
     seq_lens: torch.Tensor
     prompt_lens: torch.Tensor
     block_table: torch.Tensor
+    row_plans: dict[LayerMaskSpec, RowPlan] = field(default_factory=dict)
+
+    def plan_for(self, spec: LayerMaskSpec) -> RowPlan:
+        """The step's :func:`~swaa_kernels.cpu.plan_rows` for one layer spec (computed once per step)."""
+        plan = self.row_plans.get(spec)
+        if plan is None:
+            plan = plan_rows(self.query_start_loc, self.seq_lens, self.prompt_lens, self.block_table, spec)
+            self.row_plans[spec] = plan
+        return plan
 
 
 class SwaaMetadataBuilder(AttentionMetadataBuilder[SwaaMetadata]):
@@ -159,26 +186,6 @@ class SwaaMetadataBuilder(AttentionMetadataBuilder[SwaaMetadata]):
         )
 
 
-def split_kv_cache(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Key and value views of one layer's vLLM cache tensor.
-
-    Args:
-        kv_cache: logical ``[num_blocks, num_kv_heads, block_size, 2 * head_size]``,
-            physically ``LBNHC`` (token-major) as this backend requests.
-
-    Returns:
-        ``(key_cache, value_cache)``, each ``[num_blocks, block_size, num_kv_heads, head_size]``.
-    """
-    token_major = kv_cache.permute(0, 2, 1, 3)
-    if not token_major.is_contiguous():
-        raise RuntimeError(
-            f"SWAA expects the LBNHC KV cache layout, got strides {tuple(kv_cache.stride())} for shape "
-            f"{tuple(kv_cache.shape)}; do not force VLLM_KV_CACHE_LAYOUT to another layout"
-        )
-    head_size = token_major.shape[-1] // 2
-    return token_major[..., :head_size], token_major[..., head_size:]
-
-
 _UNSUPPORTED = "the swaa attention backend does not support {what}; {fix}"
 
 
@@ -227,6 +234,18 @@ class SwaaAttentionImpl(AttentionImpl[SwaaMetadata]):
         self.kv_sharing_target_layer_name = None
         self.plan: SwaaPlan = plan_from_hf_config(get_current_vllm_config().model_config.hf_config)
         self._layer_specs: dict[str, LayerMaskSpec] = {}
+        self._cpu_isa: str | None = None
+        self._paged_attention: VllmCpuPagedAttention | None = None
+
+    def _isa(self, kv_cache: torch.Tensor) -> str:
+        """ISA of vLLM's CPU attention op for this cache, its layout checked once per process."""
+        if self._cpu_isa is None:
+            block_size, head_size = kv_cache.shape[2], kv_cache.shape[3] // 2
+            isa = cpu_attention_isa(block_size, head_size)
+            check_cache_layout(isa, kv_cache.dtype, head_size, block_size)
+            self._cpu_isa = isa
+            self._paged_attention = VllmCpuPagedAttention(isa)
+        return self._cpu_isa
 
     def _spec(self, layer_name: str) -> LayerMaskSpec:
         spec = self._layer_specs.get(layer_name)
@@ -249,8 +268,7 @@ class SwaaAttentionImpl(AttentionImpl[SwaaMetadata]):
 
             write_kv_cache_cuda(key, value, *cuda_kv_views(kv_cache), slot_mapping)
             return
-        key_cache, value_cache = split_kv_cache(kv_cache)
-        write_kv_cache(key, value, key_cache, value_cache, slot_mapping)
+        write_kv_cache_op(key, value, kv_cache, slot_mapping, self._isa(kv_cache))
 
     def forward(
         self,
@@ -277,17 +295,19 @@ class SwaaAttentionImpl(AttentionImpl[SwaaMetadata]):
             forward_cuda(query[:n].view(shape), *cuda_kv_views(kv_cache), attn_metadata,
                          self._spec(layer.layer_name), self.scale, output[:n].view(shape))
             return output
-        key_cache, value_cache = split_kv_cache(kv_cache)
+        self._isa(kv_cache)
+        spec = self._spec(layer.layer_name)
         paged_swaa_attention(
             query[:n].view(n, self.num_heads, self.head_size),
-            key_cache,
-            value_cache,
+            kv_cache,
             attn_metadata.block_table,
             attn_metadata.query_start_loc,
             attn_metadata.seq_lens,
             attn_metadata.prompt_lens,
-            self._spec(layer.layer_name),
+            spec,
             self.scale,
             out=output[:n].view(n, self.num_heads, self.head_size),
+            plan=attn_metadata.plan_for(spec),
+            paged_attention=self._paged_attention,
         )
         return output
