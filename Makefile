@@ -3,6 +3,7 @@
 #   make test    install everything into .venv, run the test suite
 #   make sweep   the longer scheduler-situation matrix (on demand)
 #   make eval    the SWAA accuracy ablation on the bundled model -> benchmarks/results/accuracy.{md,json,png}
+#   make bench   CPU speed: SWAA against vLLM's CPU_ATTN, prefill and decode -> benchmarks/results/cpu_e2e.{md,json,png}
 # Variables: PORT (8000), HOST (127.0.0.1), SWAA_CONFIG (JSON), PYTHON (python3.11 or python3).
 
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
@@ -18,7 +19,7 @@ SWAA_CONFIG ?= {"sliding_window_size": 512, "keep_first": 64, "force_fa_decode":
 export VLLM_CPU_KVCACHE_SPACE ?= 2
 STAMP  := $(VENV)/.installed
 
-.PHONY: install serve test sweep eval model clean
+.PHONY: install serve test sweep eval bench model clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -61,6 +62,13 @@ sweep: $(STAMP)
 eval: $(STAMP)
 	$(VENV)/bin/swaa-vllm-prepare-model
 	$(PY) benchmarks/accuracy_grid.py $(EVAL_ARGS)
+
+# CPU speed against vLLM's CPU_ATTN (benchmarks/cpu_e2e.py, ~40 min on 2 cores; BENCH_ARGS="--models bundled"
+# for the bundled model only), then the attention op alone (benchmarks/attention_micro.py).
+bench: $(STAMP)
+	$(VENV)/bin/swaa-vllm-prepare-model
+	$(PY) benchmarks/cpu_e2e.py $(BENCH_ARGS)
+	$(PY) benchmarks/attention_micro.py | tee benchmarks/results/attention_micro.md
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -1,10 +1,17 @@
-"""Micro-benchmark: the SWAA CPU attention op against torch's fused causal attention.
+"""Micro-benchmark: the SWAA CPU attention op alone against torch's fused causal attention.
 
-Same shapes as the bundled model's layers (9 query heads, 3 KV heads, head size 64).
-Prints, per prompt length, the time of one prefill of a sliding layer (W, k) and of a
-full layer through ``swaa_kernels.cpu.paged_swaa_attention``, against
-``torch.nn.functional.scaled_dot_product_attention(is_causal=True)`` on the same
-tensors, and the ratios. Run: ``.venv/bin/python benchmarks/attention_micro.py``.
+Same shapes as the bundled model's layers (9 query heads, 3 KV heads, head size 64,
+bf16, block size 128). For each prompt length n it times one layer's
+
+* prefill of n tokens: torch's ``scaled_dot_product_attention(is_causal=True)`` on
+  contiguous tensors (the reference point the issue names), vLLM's CPU attention op
+  (``CPU_ATTN``'s kernel) over the paged cache, and ``swaa_kernels.cpu.paged_swaa_attention``
+  as the backend runs it for a full layer and for a sliding layer (W, k);
+* decode of one token at context n: the same four.
+
+and prints the times with the ratios ``sdpa / swaa`` (prefill: the FLOP ratio of a
+sliding layer against a full one is ``n / 2 / (W + k)`` roughly). Run:
+``.venv/bin/python benchmarks/attention_micro.py [--lengths 2048 8192] [--window 1024 --keep-first 64]``.
 """
 
 from __future__ import annotations
@@ -15,7 +22,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from swaa_kernels.cpu import LayerMaskSpec, paged_swaa_attention
+from swaa_kernels.cpu import LayerMaskSpec, paged_swaa_attention, torch_paged_attention, write_kv_cache
+from swaa_vllm.cpu_attention_op import VllmCpuPagedAttention, cpu_attention_isa
 
 HEADS, KV_HEADS, HEAD_SIZE, BLOCK = 9, 3, 64, 128
 
@@ -30,40 +38,57 @@ def _time(fn, repeats: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8192])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8192, 16384])
     parser.add_argument("--window", type=int, default=1024)
     parser.add_argument("--keep-first", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--dtype", default="bfloat16")
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
+    scale = HEAD_SIZE**-0.5
+    vllm_op = VllmCpuPagedAttention(cpu_attention_isa(BLOCK, HEAD_SIZE))
+    sliding = LayerMaskSpec(args.window, args.keep_first, True)
+    full = LayerMaskSpec(None)
     print(f"threads={torch.get_num_threads()} dtype={args.dtype} W={args.window} k={args.keep_first}")
-    print("| tokens | sdpa causal (s) | swaa full layer (s) | swaa sliding layer (s) | sdpa/full | sdpa/sliding |")
-    print("|---|---|---|---|---|---|")
+    print("| phase | tokens | sdpa causal (ms) | vLLM op (ms) | swaa full layer (ms) | swaa sliding layer (ms) "
+          "| sdpa/swaa full | sdpa/swaa sliding | torch-only swaa sliding (ms) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for n in args.lengths:
         q = torch.randn(n, HEADS, HEAD_SIZE, dtype=dtype)
         k = torch.randn(n, KV_HEADS, HEAD_SIZE, dtype=dtype)
         v = torch.randn(n, KV_HEADS, HEAD_SIZE, dtype=dtype)
         blocks = -(-n // BLOCK)
-        kc = k.new_zeros(blocks * BLOCK, KV_HEADS, HEAD_SIZE)
-        vc = v.new_zeros(blocks * BLOCK, KV_HEADS, HEAD_SIZE)
-        kc[:n], vc[:n] = k, v
-        kc, vc = kc.view(blocks, BLOCK, KV_HEADS, HEAD_SIZE), vc.view(blocks, BLOCK, KV_HEADS, HEAD_SIZE)
+        kv_cache = torch.zeros(blocks, KV_HEADS, BLOCK, 2 * HEAD_SIZE, dtype=dtype)
+        write_kv_cache(k, v, kv_cache, torch.arange(n))
         table = torch.arange(blocks, dtype=torch.int32)[None]
-        qsl, seq = torch.tensor([0, n]), torch.tensor([n])
-        scale = HEAD_SIZE**-0.5
+        seq = torch.tensor([n], dtype=torch.int32)
+        for phase, q_len in (("prefill", n), ("decode", 1)):
+            query = q[-q_len:]
+            qsl = torch.tensor([0, q_len], dtype=torch.int32)
+            prompt = seq if phase == "prefill" else seq - 1
+            reps = args.repeats if phase == "prefill" else 20 * args.repeats
 
-        def run(spec):
-            return lambda: paged_swaa_attention(q, kc, vc, table, qsl, seq, seq, spec, scale)
+            def swaa(spec, prim=vllm_op, query=query, qsl=qsl, prompt=prompt):
+                return lambda: paged_swaa_attention(query, kv_cache, table, qsl, seq, prompt, spec, scale,
+                                                    paged_attention=prim)
 
-        def sdpa():
-            F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
-                                           is_causal=True, scale=scale, enable_gqa=True)
+            def sdpa(query=query, q_len=q_len):
+                # Prefill: causal over n; decode: one query over all n keys (no mask needed).
+                F.scaled_dot_product_attention(query.transpose(0, 1)[None], k.transpose(0, 1)[None],
+                                               v.transpose(0, 1)[None], is_causal=q_len > 1, scale=scale,
+                                               enable_gqa=True)
 
-        t_sdpa = _time(sdpa, args.repeats)
-        t_full = _time(run(LayerMaskSpec(window=None)), args.repeats)
-        t_slide = _time(run(LayerMaskSpec(args.window, args.keep_first, True)), args.repeats)
-        print(f"| {n} | {t_sdpa:.3f} | {t_full:.3f} | {t_slide:.3f} | {t_sdpa / t_full:.2f} | {t_sdpa / t_slide:.2f} |")
+            def op(query=query, qsl=qsl):
+                from swaa_kernels.cpu import plan_rows
+
+                batch = plan_rows(qsl, seq, seq, table, full).causal
+                vllm_op(query, kv_cache, batch, scale, torch.empty_like(query))
+
+            t_sdpa, t_op = _time(sdpa, reps), _time(op, reps)
+            t_full, t_slide = _time(swaa(full), reps), _time(swaa(sliding), reps)
+            t_torch = _time(swaa(sliding, torch_paged_attention), reps)
+            print(f"| {phase} | {n} | {t_sdpa * 1e3:.2f} | {t_op * 1e3:.2f} | {t_full * 1e3:.2f} | {t_slide * 1e3:.2f} "
+                  f"| {t_sdpa / t_full:.2f} | {t_sdpa / t_slide:.2f} | {t_torch * 1e3:.2f} |", flush=True)
 
 
 if __name__ == "__main__":
