@@ -6,7 +6,14 @@ that name).
 
 * :mod:`swaa_kernels.reference`: dense plain-torch reference of the SWAA mask
   (``shared/SWAA.md``), the oracle for every other path.
-* :mod:`swaa_kernels.cpu`: paged-KV-cache attention for CPU in plain torch.
+* :mod:`swaa_kernels.cpu`: paged-KV-cache attention for CPU: rows sorted into
+  causal / windowed / sink-window classes; the first two through a pluggable paged
+  attention primitive (plain torch here, vLLM's C++ CPU op in the backend), the
+  sink-window rows in torch query tiles that read only their sinks and window.
+* :mod:`swaa_kernels.triton_swaa`: the Triton kernel over a paged cache (GPU; tested
+  on CPU in Triton's interpreter).
+* :mod:`swaa_kernels.flash_attn_path`: the flash-attn alternative (window via
+  flash-attn, sinks merged by LSE).
 """
 
 from swaa_kernels.reference import reference_attention, swaa_mask

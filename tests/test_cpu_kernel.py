@@ -643,3 +643,18 @@ def test_property_paged_kernel_matches_reference(case, prim):
         poison=POISON[prim],
     )
     check(b, case["spec"], case["head_size"] ** -0.5, case["query_tile"], torch.float32, prim)
+
+
+def test_layout_check_refuses_a_cache_layout_we_do_not_read(monkeypatch):
+    """The start-up check raises when vLLM's writer and ours disagree (e.g. a new vLLM layout)."""
+    import swaa_vllm.cpu_attention_op as op_module
+
+    op_module.check_cache_layout.cache_clear()
+    monkeypatch.setattr(op_module, "write_kv_cache_op", lambda key, value, kv, slots, isa: kv.fill_(1.0))
+    try:
+        with pytest.raises(RuntimeError, match="layout swaa_kernels.cpu does not read"):
+            op_module.check_cache_layout("vec", torch.float32, 64, 32)
+    finally:
+        op_module.check_cache_layout.cache_clear()
+    monkeypatch.undo()
+    op_module.check_cache_layout("vec", torch.float32, 64, 32)  # the real writer passes
