@@ -160,8 +160,12 @@ def _versions() -> dict:
     try:
         out["git"] = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
                                     text=True, check=True).stdout.strip()
+        # Uncommitted changes to the code the engines import (the plugin and the kernels).
+        out["git_modified"] = subprocess.run(
+            ["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no", "--", "swaa_vllm", "kernels"],
+            capture_output=True, text=True, check=True).stdout.split("\n")[:-1]
     except (OSError, subprocess.CalledProcessError):
-        out["git"] = None
+        out["git"] = out["git_modified"] = None
     return out
 
 
@@ -248,6 +252,7 @@ def main(argv: list[str] | None = None) -> dict:
         # engine), which buries the progress bar.
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
     start = time.perf_counter()
+    versions = _versions()  # at the start: engines import the working tree's code as they start
     from tqdm import tqdm
     from transformers import AutoConfig, AutoTokenizer
 
@@ -278,7 +283,8 @@ def main(argv: list[str] | None = None) -> dict:
     lengths = [s.num_tokens for s in samples]
     results = {
         "meta": {
-            "command": "python benchmarks/accuracy_grid.py " + shlex.join(argv if argv is not None else sys.argv[1:]),
+            "command": shlex.join(["python", "benchmarks/accuracy_grid.py",
+                                   *(argv if argv is not None else sys.argv[1:])]),
             "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
             "wall_s": round(time.perf_counter() - start, 1),
             "machine": _machine(),
@@ -299,7 +305,7 @@ def main(argv: list[str] | None = None) -> dict:
             "depths": sorted({round(s.depth, 4) for s in samples}),
             "main_window": args.main_window,
             "keep_first": args.keep_first,
-            "versions": _versions(),
+            "versions": versions,
         },
         "configs": configs,
     }
