@@ -329,7 +329,7 @@ def main() -> None:
     parser.add_argument("--large-lengths", type=int, nargs="+", default=[2048, 4096, 8192],
                         help="prompt lengths for the larger random-weight model")
     parser.add_argument("--decode-context", type=int, default=8192)
-    parser.add_argument("--decode-tokens", type=int, default=64)
+    parser.add_argument("--decode-tokens", type=int, default=128)
     parser.add_argument("--models", nargs="+", default=["bundled", "large"], choices=["bundled", "large"])
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
