@@ -47,7 +47,7 @@ serve: $(STAMP)
 	echo "Serving $$MODEL_DIR on http://$(HOST):$(PORT) with --attention-backend swaa" && \
 	exec $(VENV)/bin/vllm serve "$$MODEL_DIR" --served-model-name SmolLM2-135M-Instruct \
 	  --attention-backend swaa --hf-overrides '{"swaa_config": $(SWAA_CONFIG)}' \
-	  --dtype bfloat16 --max-model-len 8192 --host $(HOST) --port $(PORT)
+	  --dtype float32 --max-model-len 8192 --host $(HOST) --port $(PORT)
 
 test: $(STAMP)
 	$(VENV)/bin/swaa-vllm-prepare-model

@@ -43,7 +43,7 @@ def cpu_attention_isa(block_size: int, head_size: int) -> str:
     if block_size % 16:
         raise ValueError(
             f"the swaa backend on CPU needs a block size that is a multiple of 16, got block_size={block_size}; "
-            "set --block-size to 16, 32, 64 or 128"
+            "set --block-size (offline: LLM(block_size=...)) to 16, 32, 64 or 128"
         )
     if head_size not in SUPPORTED_HEAD_SIZES:
         raise ValueError(

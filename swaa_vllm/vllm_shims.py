@@ -107,9 +107,8 @@ def _patch_cpu_platform() -> None:
             )
             if reasons:
                 raise ValueError(
-                    f"--attention-backend swaa cannot run this model: {', '.join(reasons)}. "
-                    "SWAA needs a decoder-only model with standard multi-head/grouped-query attention "
-                    "and no sliding window of its own, and --kv-cache-dtype auto"
+                    f"--attention-backend swaa cannot serve this configuration: {', '.join(reasons)} "
+                    f"({attn_selector_config}). See the README section 'How it works' for what is supported."
                 )
             logger.info_once("Using the SWAA attention backend (swaa-vllm).")
             return selected_backend.get_path()
@@ -209,6 +208,15 @@ def _check_model_supported(vllm_config) -> None:
         )
     if vllm_config.cache_config.cache_dtype != "auto":
         problems.append(f"--kv-cache-dtype {vllm_config.cache_config.cache_dtype} is not supported; use auto")
+    from vllm.platforms import current_platform
+
+    if current_platform.is_cpu():
+        from swaa_vllm.cpu_attention_op import cpu_attention_isa
+
+        try:  # what vLLM's CPU attention op (used by the CPU path) can serve
+            cpu_attention_isa(vllm_config.cache_config.block_size or 128, model_config.get_head_size())
+        except ValueError as exc:
+            problems.append(str(exc))
     if problems:
         raise ValueError("--attention-backend swaa: " + "; ".join(problems))
 

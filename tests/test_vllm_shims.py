@@ -107,18 +107,20 @@ def test_vllm_runner_interfaces_used_by_the_worker():
     assert hasattr(GPUModelRunner, "_attn_group_iterator")
 
 
-def _fake_vllm_config(backend, swaa_config, worker_cls="auto", sliding_window=None, use_mla=False, cache_dtype="auto"):
+def _fake_vllm_config(backend, swaa_config, worker_cls="auto", sliding_window=None, use_mla=False, cache_dtype="auto",
+                      block_size=128, head_size=64):
     hf_config = types.SimpleNamespace(num_hidden_layers=4, model_type="llama")
     if swaa_config is not None:
         hf_config.swaa_config = swaa_config
     model_config = types.SimpleNamespace(
-        hf_config=hf_config, use_mla=use_mla, get_sliding_window=lambda: sliding_window
+        hf_config=hf_config, use_mla=use_mla, get_sliding_window=lambda: sliding_window,
+        get_head_size=lambda: head_size,
     )
     return types.SimpleNamespace(
         model_config=model_config,
         attention_config=types.SimpleNamespace(backend=backend),
         parallel_config=types.SimpleNamespace(worker_cls=worker_cls),
-        cache_config=types.SimpleNamespace(cache_dtype=cache_dtype),
+        cache_config=types.SimpleNamespace(cache_dtype=cache_dtype, block_size=block_size),
     )
 
 
@@ -128,6 +130,8 @@ def _fake_vllm_config(backend, swaa_config, worker_cls="auto", sliding_window=No
         ({"sliding_window": 4096}, "own sliding window"),
         ({"use_mla": True}, "MLA"),
         ({"cache_dtype": "fp8"}, "--kv-cache-dtype fp8"),
+        ({"block_size": 8}, r"multiple of 16, got block_size=8; set --block-size \(offline: LLM\(block_size=...\)\)"),
+        ({"head_size": 72}, "head_size=72"),
     ],
 )
 def test_config_hook_refuses_unsupported_models_at_startup(overrides, message):
