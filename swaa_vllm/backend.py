@@ -190,7 +190,10 @@ _UNSUPPORTED = "the swaa attention backend does not support {what}; {fix}"
 
 
 class SwaaAttentionImpl(AttentionImpl[SwaaMetadata]):
-    """One decoder layer's SWAA attention (CPU path: :mod:`swaa_kernels.cpu`).
+    """One decoder layer's SWAA attention.
+
+    CPU: :mod:`swaa_kernels.cpu` with vLLM's C++ CPU attention op as its paged
+    primitive (:mod:`swaa_vllm.cpu_attention_op`); CUDA: :mod:`swaa_vllm.cuda_path`.
 
     Raises:
         NotImplementedError: at model construction for features the mask cannot
