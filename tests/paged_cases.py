@@ -104,3 +104,22 @@ def reference_output(batch: PagedBatch, spec: LayerMaskSpec, scale: float) -> to
             batch.query[starts[r] : starts[r + 1]], batch.dense_keys[r], batch.dense_values[r], mask, scale
         )
     return out
+
+
+# Edge-case batch shared by the GPU-path tests: (seq_len, q_len, prompt_len) per request
+# (see make_batch): whole prompts, chunks straddling the prompt end, decode rows, a chunk
+# of a prompt longer than the sequence so far.
+EDGE_BATCH = [(40, 40, 30), (50, 3, 20), (17, 17, 17), (33, 1, 10), (9, 0, 9), (60, 25, 50), (45, 20, 45), (30, 10, 80)]
+
+# W and k edge cases: W=1, k=0, k >= W, k beyond the sequence, W beyond the sequence, FA decode on/off.
+EDGE_SPECS = {
+    "W1_k0": LayerMaskSpec(1, 0, False),
+    "W1_k0_fa": LayerMaskSpec(1, 0, True),
+    "W1_k5_fa": LayerMaskSpec(1, 5, True),
+    "W5_k3_fa": LayerMaskSpec(5, 3, True),
+    "W4_k10_k_ge_W": LayerMaskSpec(4, 10, False),
+    "W7_k100_k_beyond_seq_fa": LayerMaskSpec(7, 100, True),
+    "W16_k0_fa": LayerMaskSpec(16, 0, True),
+    "W200_k5_W_beyond_seq": LayerMaskSpec(200, 5, False),
+    "full": LayerMaskSpec(None),
+}

@@ -23,22 +23,11 @@ from swaa_kernels.flash_attn_path import (
     sink_attention,
 )
 
-from tests.paged_cases import make_batch, reference_output
+from tests.paged_cases import EDGE_BATCH, EDGE_SPECS, make_batch, reference_output
 
 TOL = {"atol": 1e-5, "rtol": 1e-5}
 
-BATCH = [(40, 40, 30), (50, 3, 20), (17, 17, 17), (33, 1, 10), (9, 0, 9), (60, 25, 50), (45, 20, 45), (30, 10, 80)]
-
-SPECS = {
-    "W1_k0": LayerMaskSpec(1, 0, False),
-    "W1_k5_fa": LayerMaskSpec(1, 5, True),
-    "W5_k3_fa": LayerMaskSpec(5, 3, True),
-    "W4_k10_k_ge_W": LayerMaskSpec(4, 10, False),
-    "W7_k100_k_beyond_seq_fa": LayerMaskSpec(7, 100, True),
-    "W16_k0_fa": LayerMaskSpec(16, 0, True),
-    "W200_k5_W_beyond_seq": LayerMaskSpec(200, 5, False),
-    "full": LayerMaskSpec(None),
-}
+BATCH, SPECS = EDGE_BATCH, EDGE_SPECS
 
 
 def reference_window_fn(query, key_cache, value_cache, block_table, cu_seqlens_q, seqused_k,

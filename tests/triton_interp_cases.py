@@ -32,7 +32,7 @@ from hypothesis import strategies as st
 from swaa_kernels.cpu import LayerMaskSpec
 from swaa_kernels.triton_swaa import triton_paged_swaa_attention
 
-from tests.paged_cases import make_batch, reference_output
+from tests.paged_cases import EDGE_BATCH, EDGE_SPECS, make_batch, reference_output
 
 TOL = {torch.float32: {"atol": 1e-4, "rtol": 1e-4}, torch.float16: {"atol": 1e-2, "rtol": 1e-2}}
 
@@ -40,18 +40,7 @@ TOL = {torch.float32: {"atol": 1e-4, "rtol": 1e-4}, torch.float16: {"atol": 1e-2
 # generated rows, a whole prompt, a single decode, an empty query (padding request),
 # a later chunk straddling the prompt end, a later all-prompt chunk, a chunk of a
 # prompt longer than the sequence so far.
-BATCH = [(40, 40, 30), (50, 3, 20), (17, 17, 17), (33, 1, 10), (9, 0, 9), (60, 25, 50), (45, 20, 45), (30, 10, 80)]
-
-SPECS = {
-    "W1_k0": LayerMaskSpec(1, 0, False),
-    "W1_k0_fa": LayerMaskSpec(1, 0, True),
-    "W5_k3_fa": LayerMaskSpec(5, 3, True),
-    "W4_k10_k_ge_W": LayerMaskSpec(4, 10, False),
-    "W7_k100_k_beyond_seq_fa": LayerMaskSpec(7, 100, True),
-    "W16_k0_fa": LayerMaskSpec(16, 0, True),
-    "W200_k5_W_beyond_seq": LayerMaskSpec(200, 5, False),
-    "full": LayerMaskSpec(None),
-}
+BATCH, SPECS = EDGE_BATCH, EDGE_SPECS
 
 
 def _check(batch, spec, dtype=torch.float32, **launch):
