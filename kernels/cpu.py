@@ -351,6 +351,25 @@ def plan_rows(
 PagedAttention = Callable[[torch.Tensor, torch.Tensor, PagedBatch, float, torch.Tensor], None]
 
 
+def _attend_tile(
+    query: torch.Tensor,
+    out: torch.Tensor,
+    t0: int,
+    t1: int,
+    p0: int,
+    kv_cache: torch.Tensor,
+    block_row: torch.Tensor,
+    ranges: list[tuple[int, int]],
+    window: int | None,
+    sinks: int,
+    scale: float,
+) -> None:
+    """Rows ``t0:t1`` (positions from ``p0``) attend the keys of ``ranges`` under the band mask."""
+    k, v, kpos = _gather_keys(kv_cache, block_row, ranges)
+    mask = _band_mask(torch.arange(p0, p0 + t1 - t0), kpos, window, sinks)
+    out[t0:t1] = _attend(query[t0:t1], k, v, None if t1 - t0 == 1 else mask, scale)
+
+
 def torch_paged_attention(
     query: torch.Tensor, kv_cache: torch.Tensor, batch: PagedBatch, scale: float, out: torch.Tensor, query_tile: int = 128
 ) -> None:
@@ -368,9 +387,7 @@ def torch_paged_attention(
             t1 = min(t0 + query_tile, end)
             p0, p1 = context + t0 - first, context + t1 - first  # positions of the tile's rows
             lo = 0 if batch.window is None else max(0, p0 - batch.window + 1)
-            k, v, kpos = _gather_keys(kv_cache, batch.block_table[s], [(lo, p1)])
-            mask = _band_mask(torch.arange(p0, p1), kpos, batch.window, 0)
-            out[t0:t1] = _attend(query[t0:t1], k, v, None if t1 - t0 == 1 else mask, scale)
+            _attend_tile(query, out, t0, t1, p0, kv_cache, batch.block_table[s], [(lo, p1)], batch.window, 0, scale)
 
 
 def _sink_window_attention(
@@ -391,9 +408,8 @@ def _sink_window_attention(
             p0 = position + t0 - first
             p1 = p0 + t1 - t0
             # p0 >= W + k, so the window start p0 - W + 1 > k: the two ranges are disjoint.
-            k, v, kpos = _gather_keys(kv_cache, block_table[r], [(0, k_sinks), (p0 - window + 1, p1)])
-            mask = _band_mask(torch.arange(p0, p1), kpos, window, k_sinks)
-            out[t0:t1] = _attend(query[t0:t1], k, v, None if t1 - t0 == 1 else mask, scale)
+            ranges = [(0, k_sinks), (p0 - window + 1, p1)]
+            _attend_tile(query, out, t0, t1, p0, kv_cache, block_table[r], ranges, window, k_sinks, scale)
 
 
 def _run_batch(
