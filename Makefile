@@ -3,6 +3,8 @@
 #   make test    install everything into .venv, run the test suite
 #   make sweep   the longer scheduler-situation matrix (on demand)
 #   make eval    the SWAA accuracy ablation on the bundled model -> benchmarks/results/accuracy.{md,json,png}
+#   make finetune  SWA-aware LoRA fine-tuning of the bundled model (self-distilled data) -> adapters/recipe_w128
+#   make eval-lora the accuracy harness with LoRA rows (trains 4 adapters first) -> benchmarks/results/accuracy_lora.*
 #   make bench   CPU speed: SWAA against vLLM's CPU_ATTN, prefill and decode -> benchmarks/results/cpu_e2e.{md,json,png}
 # Variables: PORT (8000), HOST (127.0.0.1), SWAA_CONFIG (JSON), PYTHON (python3.11 or python3).
 
@@ -19,7 +21,7 @@ SWAA_CONFIG ?= {"sliding_window_size": 512, "keep_first": 64, "force_fa_decode":
 export VLLM_CPU_KVCACHE_SPACE ?= 2
 STAMP  := $(VENV)/.installed
 
-.PHONY: install serve test sweep eval bench model clean
+.PHONY: install serve test sweep eval bench model clean finetune eval-lora
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -62,6 +64,26 @@ sweep: $(STAMP)
 eval: $(STAMP)
 	$(VENV)/bin/swaa-vllm-prepare-model
 	$(PY) benchmarks/accuracy_grid.py $(EVAL_ARGS)
+
+# SWA-aware fine-tuning (swaa_vllm/distill.py, swaa_vllm/finetune.py). The data: 240 long prompts of the
+# training families answered by the full-attention model, right answers kept (~7 min). One adapter:
+# ~10-15 min on 2 cores. adapters/<preset>_w<W> is trained under that preset's swaa_config.
+ADAPTERS ?= adapters
+FINETUNE_ARGS ?= --preset recipe --window 128 --output $(ADAPTERS)/recipe_w128
+LORA_ADAPTERS := $(foreach w,128 256,$(ADAPTERS)/swa_only_w$(w)/swaa_training.json $(ADAPTERS)/recipe_w$(w)/swaa_training.json)
+
+$(ADAPTERS)/distill.jsonl: | $(STAMP)
+	$(VENV)/bin/swaa-vllm-prepare-model
+	$(PY) -m swaa_vllm.distill --output $@
+
+$(ADAPTERS)/%/swaa_training.json: $(ADAPTERS)/distill.jsonl
+	stem=$*; $(PY) -m swaa_vllm.finetune --data $< --output $(ADAPTERS)/$$stem --preset $${stem%_w*} --window $${stem##*_w}
+
+finetune: $(ADAPTERS)/distill.jsonl
+	$(PY) -m swaa_vllm.finetune --data $(ADAPTERS)/distill.jsonl $(FINETUNE_ARGS)
+
+eval-lora: $(LORA_ADAPTERS)
+	$(PY) benchmarks/accuracy_grid.py --lora --per-task 10 --adapters-dir $(ADAPTERS) $(EVAL_ARGS)
 
 # CPU speed against vLLM's CPU_ATTN (benchmarks/cpu_e2e.py, ~40 min on 2 cores; BENCH_ARGS="--models bundled"
 # for the bundled model only), then the attention op alone (benchmarks/attention_micro.py).

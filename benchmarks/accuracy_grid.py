@@ -7,6 +7,12 @@ and ``accuracy.png`` to ``--out-dir`` (default ``benchmarks/results``).
     .venv/bin/python benchmarks/accuracy_grid.py            # the default grid (make eval)
     .venv/bin/python benchmarks/accuracy_grid.py --quick    # 2 configurations x 4 samples, ~1 minute
     .venv/bin/python benchmarks/accuracy_grid.py --only full,swa_k_fa_odd --windows 128 --per-task 10
+    .venv/bin/python benchmarks/accuracy_grid.py --lora --per-task 10   # + SWA-aware LoRA rows (make eval-lora)
+
+``--lora`` evaluates the fine-tuned adapters of ``python -m swaa_vllm.finetune`` (served through vLLM's LoRA
+support, ``LoRARequest``, with the ``swaa`` backend): full attention, then per window in ``--lora-windows``
+SWA only, SWA only + LoRA, the recipe, recipe + LoRA, each adapter trained under its row's ``swaa_config``
+(checked against the adapter's ``swaa_training.json``). Writes ``accuracy_lora.{json,md,png}``.
 
 Full attention is the ``swaa`` backend without ``swaa_config`` (plain causal attention, checked equal
 to vLLM's CPU_ATTN by tests/test_e2e_offline.py).
@@ -17,6 +23,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
+import json
 import os
 import platform
 import shlex
@@ -60,6 +67,7 @@ class GridConfig:
         fa_decode: full-attention decode on every sliding layer.
         full_layers: which layers keep full attention (``"odd"``, ``"even"``, ``"1/4"`` or ``""``).
         swaa_config: what goes into ``hf_overrides={"swaa_config": ...}``; None for full attention.
+        adapter: a peft LoRA adapter directory served with the configuration, or None.
     """
 
     name: str
@@ -69,6 +77,7 @@ class GridConfig:
     fa_decode: bool = False
     full_layers: str = ""
     swaa_config: dict | None = field(default=None, compare=False)
+    adapter: str | None = None
 
 
 def full_layer_indices(kind: str, num_layers: int) -> list[int]:
@@ -148,6 +157,39 @@ def default_grid(num_layers: int, main_window: int = MAIN_WINDOW, sweep_windows=
     return grid
 
 
+# The LoRA grid: adapters/<preset>_w<W> from `make eval-lora` (python -m swaa_vllm.finetune --preset ...).
+LORA_WINDOWS = (128, 256)
+LORA_PRESETS = (("swa_only", (False, False, "")), ("recipe", (True, True, "odd")))
+
+
+def with_adapter(cfg: GridConfig, adapter: Path) -> GridConfig:
+    """``cfg`` served with a LoRA adapter trained under the same ``swaa_config``.
+
+    Raises:
+        FileNotFoundError: no adapter at ``adapter`` (the message gives the command that trains it).
+        ValueError: the adapter was trained under another ``swaa_config``.
+    """
+    summary_path = adapter / "swaa_training.json"
+    if not (adapter / "adapter_config.json").exists() or not summary_path.exists():
+        raise FileNotFoundError(f"no SWAA LoRA adapter at {adapter}; train it with `make eval-lora` or "
+                                f"python -m swaa_vllm.finetune --output {adapter} --preset ... --window {cfg.window}")
+    trained = json.loads(summary_path.read_text())["swaa_config"]
+    if trained != cfg.swaa_config:
+        raise ValueError(f"{adapter} was trained under swaa_config {trained}, not {cfg.swaa_config}")
+    return GridConfig(cfg.name + "_lora", cfg.label + " + LoRA", cfg.window, cfg.keep_first, cfg.fa_decode,
+                      cfg.full_layers, cfg.swaa_config, str(adapter))
+
+
+def lora_grid(num_layers: int, adapters_dir: Path, windows=LORA_WINDOWS, keep_first: int = KEEP_FIRST) -> list[GridConfig]:
+    """Full attention, then per window: SWA only, SWA only + LoRA, the recipe, recipe + LoRA."""
+    grid = [make_config(None, num_layers)]
+    for w in windows:
+        for preset, (keep, fa, layers) in LORA_PRESETS:
+            cfg = make_config(w, num_layers, keep_first if keep else 0, fa, layers)
+            grid += [cfg, with_adapter(cfg, adapters_dir / f"{preset}_w{w}")]
+    return grid
+
+
 def _versions() -> dict:
     from importlib import metadata
 
@@ -191,6 +233,13 @@ def run_config(model_dir: Path, cfg: GridConfig, samples, dtype: str, max_model_
     from swaa_vllm.longctx_tasks import score
 
     kwargs = {"hf_overrides": {"swaa_config": cfg.swaa_config}} if cfg.swaa_config else {}
+    lora_request = None
+    if cfg.adapter:
+        from vllm.lora.request import LoRARequest
+
+        rank = json.loads((Path(cfg.adapter) / "adapter_config.json").read_text())["r"]
+        kwargs.update(enable_lora=True, max_lora_rank=rank, max_loras=1)
+        lora_request = LoRARequest(cfg.name, 1, cfg.adapter)
     t0 = time.perf_counter()
     llm = LLM(str(model_dir), attention_backend="swaa", dtype=dtype, enforce_eager=True, seed=seed,
               max_model_len=max_model_len, kv_cache_memory_bytes=1 << 30, **kwargs)
@@ -199,7 +248,7 @@ def run_config(model_dir: Path, cfg: GridConfig, samples, dtype: str, max_model_
         params = [SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS.get(s.task, MAX_TOKENS_DEFAULT),
                                  stop=STOP.get(s.task, STOP_DEFAULT)) for s in samples]
         outs = llm.generate([TokensPrompt(prompt_token_ids=list(s.prompt_ids)) for s in samples], params,
-                            use_tqdm=False)
+                            use_tqdm=False, lora_request=lora_request)
     finally:
         t2 = time.perf_counter()
         llm.llm_engine.engine_core.shutdown()
@@ -213,7 +262,17 @@ def run_config(model_dir: Path, cfg: GridConfig, samples, dtype: str, max_model_
                         "correct": score(s.task, text, s.answers)})
     return {"name": cfg.name, "label": cfg.label, "window": cfg.window, "keep_first": cfg.keep_first,
             "fa_decode": cfg.fa_decode, "full_layers": cfg.full_layers, "swaa_config": cfg.swaa_config,
+            "adapter": cfg.adapter,
             "startup_s": round(t1 - t0, 2), "generate_s": round(t2 - t1, 2), "records": records}
+
+
+def _adapter_summary(adapter: str) -> dict:
+    """What an adapter was trained on (its ``swaa_training.json`` without the bulky fields)."""
+    summary = json.loads((Path(adapter) / "swaa_training.json").read_text())
+    keep = ("steps", "sequences", "tokens", "answer_tokens", "train_s", "loss_first_quarter", "loss_last_quarter",
+            "hyperparameters", "bf16_autocast", "date")
+    return {"path": str(Path(adapter).relative_to(REPO)) if Path(adapter).is_relative_to(REPO) else adapter,
+            **{k: summary[k] for k in keep if k in summary}}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -234,6 +293,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=SEED)
     p.add_argument("--dtype", default=DTYPE)
     p.add_argument("--only", type=str, default="", help="comma-separated config names (prefixes) to run")
+    p.add_argument("--lora", action="store_true",
+                   help="the SWA-aware LoRA grid (full, SWA only +/- LoRA, recipe +/- LoRA) -> accuracy_lora.*")
+    p.add_argument("--lora-windows", type=str, default=",".join(map(str, LORA_WINDOWS)))
+    p.add_argument("--adapters-dir", type=Path, default=REPO / "adapters")
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--verbose", action="store_true", help="keep vLLM's logs (default: errors only)")
     args = p.parse_args(argv)
@@ -264,7 +327,12 @@ def main(argv: list[str] | None = None) -> dict:
     num_layers = AutoConfig.from_pretrained(model_dir).num_hidden_layers
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     windows = [int(w) for w in args.windows.split(",") if w.strip()]
-    grid = default_grid(num_layers, args.main_window, windows, args.keep_first)
+    if args.lora:
+        lora_windows = [int(w) for w in args.lora_windows.split(",") if w.strip()]
+        grid = lora_grid(num_layers, args.adapters_dir, lora_windows, args.keep_first)
+        args.main_window = lora_windows[0]
+    else:
+        grid = default_grid(num_layers, args.main_window, windows, args.keep_first)
     if args.only:
         wanted = [w.strip() for w in args.only.split(",") if w.strip()]
         grid = [c for c in grid if any(c.name == w or c.name.startswith(w) for w in wanted)]
@@ -309,7 +377,10 @@ def main(argv: list[str] | None = None) -> dict:
         },
         "configs": configs,
     }
-    paths = accuracy_report.write_all(results, args.out_dir, plot_png=not args.no_plot)
+    if args.lora:
+        results["meta"]["adapters"] = {c.name: _adapter_summary(c.adapter) for c in grid if c.adapter}
+    paths = accuracy_report.write_all(results, args.out_dir, plot_png=not args.no_plot,
+                                      stem="accuracy_lora" if args.lora else "accuracy")
     print(f"wrote {', '.join(str(p) for p in paths)} in {results['meta']['wall_s']:.0f} s")
     return results
 

@@ -64,8 +64,9 @@ def _tasks(results: dict) -> list[str]:
 def _plan(cfg: dict) -> str:
     if cfg["window"] is None:
         return "full attention"
+    lora = f", LoRA adapter `{cfg['adapter']}`" if cfg.get("adapter") else ""
     return (f"W={cfg['window']}, k={cfg['keep_first']}, FA decode {'on' if cfg['fa_decode'] else 'off'}, "
-            f"full layers: {cfg['full_layers'] or 'none'}")
+            f"full layers: {cfg['full_layers'] or 'none'}{lora}")
 
 
 def markdown(results: dict) -> str:
@@ -187,16 +188,16 @@ def plot(results: dict, path: Path, main_window: int | None = None) -> None:
     plt.close(fig)
 
 
-def write_all(results: dict, out_dir: Path, plot_png: bool = True) -> list[Path]:
-    """Write ``accuracy.json``, ``accuracy.md`` and (if ``plot_png``) ``accuracy.png`` into ``out_dir``.
+def write_all(results: dict, out_dir: Path, plot_png: bool = True, stem: str = "accuracy") -> list[Path]:
+    """Write ``<stem>.json``, ``<stem>.md`` and (if ``plot_png``) ``<stem>.png`` into ``out_dir``.
 
     Returns the written paths.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = [out_dir / "accuracy.json", out_dir / "accuracy.md"]
+    paths = [out_dir / f"{stem}.json", out_dir / f"{stem}.md"]
     paths[0].write_text(json.dumps(results, indent=1) + "\n")
     paths[1].write_text(markdown(results))
     if plot_png:
-        paths.append(out_dir / "accuracy.png")
+        paths.append(out_dir / f"{stem}.png")
         plot(results, paths[-1], results["meta"].get("main_window"))
     return paths

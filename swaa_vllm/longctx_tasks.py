@@ -14,7 +14,15 @@ assistant turn starts with the answer's beginning ("The pass key is"), as RULER 
 until the templated prompt reaches ``context_tokens``; the needle goes at a chosen relative depth.
 
 Scoring is exact match of the retrieved value: the first number in the output for single-value tasks,
-every expected number present for ``niah_multivalue``. Nothing here imports vLLM; a tokenizer with
+every expected number present for ``niah_multivalue``.
+
+Separate families, :data:`TRAINING_TASKS`, feed SWA-aware fine-tuning (``swaa_vllm.distill``) and are never
+scored by the accuracy harness, so that the harness measures generalisation: they hide words, codes and
+places instead of numbers, in a different filler text:
+
+* ``word_lookup``: "The secret color of <key> is <color>." among other keys' colors.
+* ``code_lookup``: "The access code of the <key> vault is <XY-1234>." among other vaults.
+* ``person_city``: "<Name> moved to <City> last year." among other people. Nothing here imports vLLM; a tokenizer with
 ``encode`` and ``apply_chat_template`` (transformers) is all that generation needs.
 """
 
@@ -26,6 +34,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 TASKS = ("passkey", "niah_single", "niah_multikey", "niah_multivalue")
+TRAINING_TASKS = ("word_lookup", "code_lookup", "person_city")
 
 # Bland, mutually unrelated sentences (the "noise" haystack of passkey/RULER, a little varied so that
 # the filler is not one sentence period).
@@ -44,6 +53,28 @@ FILLER_SENTENCES = (
     "The stars come out at night.",
 )
 
+# The training families' haystack (no sentence shared with FILLER_SENTENCES).
+TRAINING_FILLER_SENTENCES = (
+    "The market opens at dawn.",
+    "A cat sleeps by the window.",
+    "The bell rings twice at noon.",
+    "Snow covers the old bridge.",
+    "The train leaves on time.",
+    "Bread is baked every morning.",
+    "The lamp stands on the table.",
+    "Waves break on the rocks.",
+    "The door creaks when it opens.",
+    "Rain taps on the roof.",
+    "The library closes early on Sundays.",
+    "A boat rests in the harbor.",
+)
+_COLORS = ("red", "orange", "yellow", "green", "blue", "purple", "violet", "brown", "black", "white", "gray",
+           "pink", "gold", "teal", "crimson", "indigo")
+_PEOPLE = ("Alice", "Bruno", "Clara", "Daniel", "Elena", "Felix", "Grace", "Hugo", "Irene", "Jonas", "Karla", "Liam",
+           "Maria", "Nora", "Oscar", "Paula", "Quentin", "Rosa", "Simon", "Tara", "Victor", "Wanda", "Yusuf", "Zoe")
+_CITIES = ("Lisbon", "Oslo", "Vienna", "Dublin", "Prague", "Madrid", "Berlin", "Warsaw", "Athens", "Helsinki", "Lyon",
+           "Porto", "Zurich", "Geneva", "Munich", "Naples", "Seville", "Krakow", "Bergen", "Tallinn")
+
 _ADJECTIVES = (
     "amber", "brave", "calm", "dusty", "eager", "fancy", "gentle", "hollow", "icy", "jolly", "keen", "lucky",
     "mellow", "noble", "odd", "proud", "quiet", "rapid", "silver", "tender", "upbeat", "vivid", "witty", "young",
@@ -60,7 +91,7 @@ class TaskSpec:
     """What to generate.
 
     Attributes:
-        task: one of :data:`TASKS`.
+        task: one of :data:`TASKS` (scored by the harness) or :data:`TRAINING_TASKS` (fine-tuning data).
         context_tokens: target length of the whole templated prompt in tokens (the result is within a
             sentence, about 8 tokens, below it).
         value_digits: digits of each hidden number (the first digit is never 0).
@@ -80,8 +111,8 @@ class TaskSpec:
     answer_prefix: bool = False
 
     def __post_init__(self) -> None:
-        if self.task not in TASKS:
-            raise ValueError(f"unknown task {self.task!r}; expected one of {TASKS}")
+        if self.task not in TASKS + TRAINING_TASKS:
+            raise ValueError(f"unknown task {self.task!r}; expected one of {TASKS + TRAINING_TASKS}")
         if self.context_tokens < 64:
             raise ValueError(f"context_tokens must be >= 64, got {self.context_tokens}")
         if not 1 <= self.value_digits <= 12:
@@ -148,8 +179,36 @@ def _distinct_keys(rng: random.Random, n: int) -> list[str]:
     return [f"{a}-{rng.choice(_NOUNS)}" for a in adjectives]
 
 
+def _code(rng: random.Random, digits: int) -> str:
+    letters = "".join(rng.choice("ABCDEFGHJKLMNPQRSTUVWXYZ") for _ in range(2))
+    return f"{letters}-{_number(rng, min(digits, 4))}"
+
+
+def _training_parts(spec: TaskSpec, rng: random.Random) -> tuple[str, list[str], str, str, tuple[str, ...]]:
+    """:func:`_parts` for :data:`TRAINING_TASKS`: one queried needle among ``num_keys`` (queried first)."""
+    intro = ("Some facts are hidden within the following text. Make sure to memorize them. "
+             "I will ask you about one of them afterwards.")
+    n = spec.num_keys
+    if spec.task == "word_lookup":
+        keys, values = _distinct_keys(rng, n), rng.sample(_COLORS, n)
+        needles = [f"The secret color of the {k} is {v}." for k, v in zip(keys, values)]
+        return (intro, needles, f"What is the secret color of the {keys[0]}?",
+                f"The secret color of the {keys[0]} is", (values[0],))
+    if spec.task == "code_lookup":
+        keys = _distinct_keys(rng, n)
+        values = [_code(rng, spec.value_digits) for _ in keys]
+        needles = [f"The access code of the {k} vault is {v}." for k, v in zip(keys, values)]
+        return (intro, needles, f"What is the access code of the {keys[0]} vault?",
+                f"The access code of the {keys[0]} vault is", (values[0],))
+    people, cities = rng.sample(_PEOPLE, n), rng.sample(_CITIES, n)
+    needles = [f"{p} moved to {c} last year." for p, c in zip(people, cities)]
+    return (intro, needles, f"Which city did {people[0]} move to last year?", f"{people[0]} moved to", (cities[0],))
+
+
 def _parts(spec: TaskSpec, rng: random.Random) -> tuple[str, list[str], str, str, tuple[str, ...]]:
     """(instruction, needle sentences with the queried one(s) first, question, answer prefix, answers)."""
+    if spec.task in TRAINING_TASKS:
+        return _training_parts(spec, rng)
     d = spec.value_digits
     if spec.task == "passkey":
         value = _number(rng, d)
@@ -231,8 +290,9 @@ def make_sample(tokenizer, spec: TaskSpec, seed: int, depth: float) -> Sample:
         raise ValueError(f"context_tokens={spec.context_tokens} is below the {fixed} tokens of the fixed text")
     filler: list[str] = []
     used = 0
+    sentences = TRAINING_FILLER_SENTENCES if spec.task in TRAINING_TASKS else FILLER_SENTENCES
     while True:
-        sentence = rng.choice(FILLER_SENTENCES)
+        sentence = rng.choice(sentences)
         cost = len(_encode(tokenizer, " " + sentence))
         if used + cost > budget:
             break
@@ -301,15 +361,32 @@ def score(task: str, output: str, answers: Sequence[str]) -> bool:
     Single-value tasks: the first number in ``output`` equals ``answers[0]`` (a number embedded in a
     sentence counts; a wrong number first, or none, does not). ``niah_multivalue``: every expected number
     appears among the numbers of ``output`` (order free; extra numbers allowed, as RULER's all-match).
+    :data:`TRAINING_TASKS`: the expected word/code/city appears in ``output`` as a whole word
+    (case-insensitive) and no other value of the same kind comes before it.
 
     Raises:
         ValueError: unknown ``task`` or empty ``answers``.
     """
-    if task not in TASKS:
+    if task not in TASKS + TRAINING_TASKS:
         raise ValueError(f"unknown task {task!r}")
     if not answers:
         raise ValueError("answers must not be empty")
+    if task in TRAINING_TASKS:
+        return _first_value(task, output) == answers[0].lower()
     found = extract_numbers(output)
     if task == "niah_multivalue":
         return set(answers) <= set(found)
     return bool(found) and found[0] == answers[0]
+
+
+_VALUE_PATTERNS = {
+    "word_lookup": re.compile(r"\b(" + "|".join(_COLORS) + r")\b", re.IGNORECASE),
+    "code_lookup": re.compile(r"\b[A-Z]{2}-\d{1,4}\b", re.IGNORECASE),
+    "person_city": re.compile(r"\b(" + "|".join(_CITIES) + r")\b", re.IGNORECASE),
+}
+
+
+def _first_value(task: str, output: str) -> str | None:
+    """The first color / code / city named in ``output`` (lower case), or None."""
+    match = _VALUE_PATTERNS[task].search(output)
+    return match.group(0).lower() if match else None
