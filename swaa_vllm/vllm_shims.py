@@ -45,6 +45,12 @@ there, so a vLLM upgrade that makes a shim unnecessary (or breaks it) fails CI.
    vLLM's V2 model runner (the default in 0.33 when Triton is present), whose
    metadata path the prompt-length hook does not cover yet: run with
    ``VLLM_USE_V2_MODEL_RUNNER=0``.
+6. **Ray executor on CPU.** vLLM 0.32's CPU platform names no Ray resource
+   (``ray_device_key``), so ``--distributed-executor-backend ray`` stops with
+   "current platform cpu does not support ray". When SWAA is selected with the Ray
+   backend on CPU, shim 3 swaps ``"ray"`` for
+   :class:`swaa_vllm.ray_support.SwaaCpuRayExecutor`, vLLM's own (V2) Ray executor
+   with the CPU resource named (explained in that module). ``use_ray`` stays true.
 """
 
 from __future__ import annotations
@@ -118,6 +124,10 @@ def _patch_cpu_platform() -> None:
     def check_and_update_config(cls, vllm_config) -> None:
         original_check(cls, vllm_config)
         _after_platform_config(vllm_config, cpu_worker=CPU_WORKER)
+        if is_swaa_selected(vllm_config) and vllm_config.parallel_config.distributed_executor_backend == "ray":
+            from swaa_vllm.ray_support import cpu_ray_executor  # shim 6
+
+            vllm_config.parallel_config.distributed_executor_backend = cpu_ray_executor()
 
     CpuPlatform.get_attn_backend_cls = classmethod(get_attn_backend_cls)
     CpuPlatform.check_and_update_config = classmethod(check_and_update_config)

@@ -11,9 +11,19 @@ tensor right before vLLM builds the step's attention metadata.
 The worker class is selected through vLLM's own ``parallel_config.worker_cls``
 setting (done by :mod:`swaa_vllm.vllm_shims` when the backend is ``swaa``).
 Mirrors ``vllm/v1/worker/cpu_worker.py`` and ``vllm/v1/worker/cpu_model_runner.py``.
+
+Both workers also answer ``collective_rpc("swaa_attention_report")``
+(:class:`AttentionReportMixin`): which attention each layer runs on that worker, with
+its share of the heads and the mask it applied. It is how an operator (and
+``tests/test_ray_tp.py``) checks that every tensor-parallel rank, e.g. each Ray
+actor, runs the SWAA plan; a method name travels to the workers without vLLM's
+opt-in pickling of callables (``VLLM_ALLOW_INSECURE_SERIALIZATION``).
 """
 
 from __future__ import annotations
+
+import os
+from typing import Any
 
 from swaa_vllm.backend import SwaaMetadataBuilder
 from vllm.v1.worker.cpu_model_runner import CPUModelRunner
@@ -21,7 +31,10 @@ from vllm.v1.worker.cpu_worker import CPUWorker
 from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 from vllm.v1.worker.gpu_worker import Worker
 
-__all__ = ["PromptLengthsRunnerMixin", "SwaaCPUModelRunner", "SwaaCPUWorker", "SwaaGPUModelRunner", "SwaaGPUWorker"]
+__all__ = [
+    "AttentionReportMixin", "PromptLengthsRunnerMixin", "SwaaCPUModelRunner", "SwaaCPUWorker", "SwaaGPUModelRunner",
+    "SwaaGPUWorker",
+]
 
 
 class PromptLengthsRunnerMixin:
@@ -36,11 +49,54 @@ class PromptLengthsRunnerMixin:
         return super()._build_attention_metadata(*args, **kwargs)
 
 
+class AttentionReportMixin:
+    """Worker mixin: :meth:`swaa_attention_report` for ``collective_rpc``; no state of its own."""
+
+    def swaa_attention_report(self) -> dict[str, Any]:
+        """What attention each layer of this worker runs.
+
+        Returns:
+            ``{"pid", "in_ray_actor", "rank", "tp_rank", "worker_cls", "layers"}``; ``layers`` maps
+            each attention layer name to ``{"impl", "num_heads", "num_kv_heads", "mask"}`` (heads on
+            this rank), ``mask`` being ``[window, keep_first, fa_decode]`` of the SWAA mask the layer
+            applied in a forward step on this worker (None before its first step, or for another impl).
+        """
+        from vllm.distributed import get_tensor_model_parallel_rank
+
+        in_ray_actor = False
+        try:
+            import ray
+
+            in_ray_actor = ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None
+        except ImportError:
+            pass
+        layers = {}
+        for name, layer in self.vllm_config.compilation_config.static_forward_context.items():
+            impl = getattr(layer, "impl", None)
+            if impl is None:
+                continue
+            spec = getattr(impl, "_layer_specs", {}).get(name)
+            layers[name] = {
+                "impl": type(impl).__name__,
+                "num_heads": impl.num_heads,
+                "num_kv_heads": impl.num_kv_heads,
+                "mask": None if spec is None else [spec.window, spec.keep_first, spec.fa_decode],
+            }
+        return {
+            "pid": os.getpid(),
+            "in_ray_actor": in_ray_actor,
+            "rank": self.rank,
+            "tp_rank": get_tensor_model_parallel_rank(),
+            "worker_cls": type(self).__name__,
+            "layers": layers,
+        }
+
+
 class SwaaCPUModelRunner(PromptLengthsRunnerMixin, CPUModelRunner):
     """vLLM's V1 CPU model runner plus :class:`PromptLengthsRunnerMixin`; no state of its own."""
 
 
-class SwaaCPUWorker(CPUWorker):
+class SwaaCPUWorker(AttentionReportMixin, CPUWorker):
     """vLLM's CPU worker whose model runner is :class:`SwaaCPUModelRunner`.
 
     Raises:
@@ -64,7 +120,7 @@ class SwaaGPUModelRunner(PromptLengthsRunnerMixin, GPUModelRunner):
     """vLLM's V1 GPU model runner plus :class:`PromptLengthsRunnerMixin`; no state of its own."""
 
 
-class SwaaGPUWorker(Worker):
+class SwaaGPUWorker(AttentionReportMixin, Worker):
     """vLLM's GPU worker whose model runner is :class:`SwaaGPUModelRunner`.
 
     Uses ``Worker._make_model_runner``, the hook vLLM's GPU worker provides for
