@@ -163,21 +163,26 @@ LORA_PRESETS = (("swa_only", (False, False, "")), ("recipe", (True, True, "odd")
 
 
 def with_adapter(cfg: GridConfig, adapter: Path) -> GridConfig:
-    """``cfg`` served with a LoRA adapter trained under the same ``swaa_config``.
+    """``cfg`` served with the LoRA adapter at ``adapter`` (checked by :func:`check_adapter` before a run)."""
+    return GridConfig(cfg.name + "_lora", cfg.label + " + LoRA", cfg.window, cfg.keep_first, cfg.fa_decode,
+                      cfg.full_layers, cfg.swaa_config, str(adapter))
+
+
+def check_adapter(cfg: GridConfig) -> None:
+    """The adapter of ``cfg`` exists and was trained under ``cfg.swaa_config``.
 
     Raises:
-        FileNotFoundError: no adapter at ``adapter`` (the message gives the command that trains it).
+        FileNotFoundError: no adapter (the message gives the command that trains it).
         ValueError: the adapter was trained under another ``swaa_config``.
     """
+    adapter = Path(cfg.adapter)
     summary_path = adapter / "swaa_training.json"
     if not (adapter / "adapter_config.json").exists() or not summary_path.exists():
-        raise FileNotFoundError(f"no SWAA LoRA adapter at {adapter}; train it with `make eval-lora` or "
-                                f"python -m swaa_vllm.finetune --output {adapter} --preset ... --window {cfg.window}")
+        raise FileNotFoundError(f"no SWAA LoRA adapter at {adapter}; train it with `make {adapter}/swaa_training.json` "
+                                f"(or `make eval-lora` for all of them)")
     trained = json.loads(summary_path.read_text())["swaa_config"]
     if trained != cfg.swaa_config:
         raise ValueError(f"{adapter} was trained under swaa_config {trained}, not {cfg.swaa_config}")
-    return GridConfig(cfg.name + "_lora", cfg.label + " + LoRA", cfg.window, cfg.keep_first, cfg.fa_decode,
-                      cfg.full_layers, cfg.swaa_config, str(adapter))
 
 
 def lora_grid(num_layers: int, adapters_dir: Path, windows=LORA_WINDOWS, keep_first: int = KEEP_FIRST) -> list[GridConfig]:
@@ -336,6 +341,9 @@ def main(argv: list[str] | None = None) -> dict:
     if args.only:
         wanted = [w.strip() for w in args.only.split(",") if w.strip()]
         grid = [c for c in grid if any(c.name == w or c.name.startswith(w) for w in wanted)]
+    for cfg in grid:
+        if cfg.adapter:
+            check_adapter(cfg)
     specs = [TaskSpec(t, args.context_tokens, answer_prefix=args.answer_prefix) for t in args.tasks.split(",")]
     samples = make_samples(tokenizer, specs, args.per_task, args.seed)
     max_model_len = max(s.num_tokens for s in samples) + max(MAX_TOKENS.values()) + 16

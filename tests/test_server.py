@@ -2,7 +2,9 @@
 
 Started on a free loopback port with the bundled model; checks ``/v1/models``,
 completions, chat, streaming, the per-layer plan in the log, and that a malformed
-``swaa_config`` stops startup with a message naming the field.
+``swaa_config`` stops startup with a message naming the field. The server also serves a
+LoRA adapter (``--enable-lora --lora-modules``, as for an adapter of ``swaa_vllm.finetune``):
+a random-weight peft adapter of the bundled model, which must change the output.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import pytest
 pytestmark = pytest.mark.e2e
 
 SERVED_NAME = "smollm2-swaa"
+LORA_NAME = "swaa-lora"
 SWAA_CONFIG = {"sliding_window_size": 64, "keep_first": 8, "force_fa_decode": True, "non_sliding_layers": [0, 15]}
 STARTUP_TIMEOUT_S = 300
 
@@ -30,16 +33,30 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _vllm_serve(model_dir: Path, port: int, swaa_config, log_path: Path) -> subprocess.Popen:
+def _vllm_serve(model_dir: Path, port: int, swaa_config, log_path: Path, extra: tuple[str, ...] = ()) -> subprocess.Popen:
     vllm = Path(sys.executable).parent / "vllm"  # the console script, as a user runs it
     cmd = [
         str(vllm), "serve", str(model_dir), "--served-model-name", SERVED_NAME,
         "--attention-backend", "swaa", "--hf-overrides", json.dumps({"swaa_config": swaa_config}),
         "--dtype", "float32", "--max-model-len", "2048", "--enforce-eager",
-        "--host", "127.0.0.1", "--port", str(port),
+        "--host", "127.0.0.1", "--port", str(port), *extra,
     ]
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
     return subprocess.Popen(cmd, stdout=log_path.open("w"), stderr=subprocess.STDOUT, env=env)
+
+
+def _random_adapter(model_dir: Path, out: Path) -> Path:
+    """A rank-16 q/k/v peft adapter of the bundled model with random (non-zero) weights."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    lora = LoraConfig(r=16, lora_alpha=32, use_rslora=True, target_modules=["q_proj", "k_proj", "v_proj"],
+                      init_lora_weights=False)
+    get_peft_model(model, lora).save_pretrained(out)
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +65,9 @@ def server(model_dir, tmp_path_factory):
 
     port = _free_port()
     log_path = tmp_path_factory.mktemp("server") / "vllm.log"
-    proc = _vllm_serve(model_dir, port, SWAA_CONFIG, log_path)
+    adapter = _random_adapter(model_dir, tmp_path_factory.mktemp("adapter"))
+    proc = _vllm_serve(model_dir, port, SWAA_CONFIG, log_path,
+                       ("--enable-lora", "--max-lora-rank", "16", "--lora-modules", f"{LORA_NAME}={adapter}"))
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
     try:
@@ -79,8 +98,21 @@ def client(server):
     return OpenAI(base_url=server[0] + "/v1", api_key="unused", max_retries=0, timeout=120)
 
 
-def test_models_lists_served_model(client):
-    assert [m.id for m in client.models.list().data] == [SERVED_NAME]
+def test_models_lists_served_model_and_adapter(client):
+    assert [m.id for m in client.models.list().data] == [SERVED_NAME, LORA_NAME]
+
+
+def test_lora_adapter_changes_the_output(client):
+    import openai
+
+    prompt = "The capital of France is"
+    base = client.completions.create(model=SERVED_NAME, prompt=prompt, temperature=0, max_tokens=8).choices[0].text
+    tuned = client.completions.create(model=LORA_NAME, prompt=prompt, temperature=0, max_tokens=8).choices[0].text
+    assert "Paris" in base and tuned != base
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="no-such-adapter", prompt=prompt, max_tokens=2)
+    again = client.completions.create(model=SERVED_NAME, prompt=prompt, temperature=0, max_tokens=8).choices[0].text
+    assert again == base
 
 
 def test_log_shows_per_layer_plan(server):
