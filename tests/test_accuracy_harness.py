@@ -186,6 +186,30 @@ def test_default_grid_mirrors_the_ablation():
         build_plan(c.swaa_config, 30)
 
 
+def test_lora_grid_pairs_each_plan_with_its_adapter(tmp_path):
+    grid_module = _grid_module()
+    grid = grid_module.lora_grid(30, tmp_path, windows=(128, 256), keep_first=16)
+    names = [c.name for c in grid]
+    assert names == ["full", "swa_w128", "swa_w128_lora", "swa_k_fa_odd_w128", "swa_k_fa_odd_w128_lora",
+                     "swa_w256", "swa_w256_lora", "swa_k_fa_odd_w256", "swa_k_fa_odd_w256_lora"]
+    by_name = {c.name: c for c in grid}
+    assert by_name["swa_k_fa_odd_w256_lora"].adapter == str(tmp_path / "recipe_w256")
+    assert by_name["swa_w128_lora"].swaa_config == by_name["swa_w128"].swaa_config
+    assert by_name["swa_w128_lora"].label == "SWA only + LoRA"
+    # the adapter must exist and have been trained under the row's swaa_config
+    lora = by_name["swa_w128_lora"]
+    with pytest.raises(FileNotFoundError, match="make .*swa_only_w128/swaa_training.json"):
+        grid_module.check_adapter(lora)
+    adapter = tmp_path / "swa_only_w128"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    (adapter / "swaa_training.json").write_text(json.dumps({"swaa_config": {"sliding_window_size": 256}}))
+    with pytest.raises(ValueError, match="trained under swaa_config"):
+        grid_module.check_adapter(lora)
+    (adapter / "swaa_training.json").write_text(json.dumps({"swaa_config": {"sliding_window_size": 128}}))
+    grid_module.check_adapter(lora)
+
+
 # --- report on a hand-made result --------------------------------------------------------------------
 
 def _fake_results():
