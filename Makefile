@@ -66,8 +66,8 @@ eval: $(STAMP)
 	$(PY) benchmarks/accuracy_grid.py $(EVAL_ARGS)
 
 # SWA-aware fine-tuning (swaa_vllm/distill.py, swaa_vllm/finetune.py). The data: 240 long prompts of the
-# training families answered by the full-attention model, right answers kept (~7 min). One adapter:
-# ~10-15 min on 2 cores. adapters/<preset>_w<W> is trained under that preset's swaa_config.
+# training families answered by the full-attention model, right answers kept (~8 min). One adapter:
+# 5-9 min on 2 cores. adapters/<preset>_w<W> is trained under that preset's swaa_config.
 ADAPTERS ?= adapters
 FINETUNE_ARGS ?= --preset recipe --window 128 --output $(ADAPTERS)/recipe_w128
 LORA_ADAPTERS := $(foreach w,128 256,$(ADAPTERS)/swa_only_w$(w)/swaa_training.json $(ADAPTERS)/recipe_w$(w)/swaa_training.json)

@@ -193,7 +193,8 @@ def train(model_dir: Path, swaa_config: dict, rows: list[dict], output: Path,
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """The CLI's arguments (see ``python -m swaa_vllm.finetune --help``)."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m swaa_vllm.finetune", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data", type=Path, default=Path("adapters/distill.jsonl"),
                    help="self-distilled JSONL from python -m swaa_vllm.distill")
     p.add_argument("--output", type=Path, required=True, help="adapter directory to write")
@@ -204,12 +205,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     group.add_argument("--swaa-config", type=str, default=None, help="a swaa_config JSON object instead of a preset")
     p.add_argument("--window", type=int, default=128, help="W for --preset")
     defaults = LoraHyperparameters()
-    p.add_argument("--rank", type=int, default=defaults.rank)
-    p.add_argument("--alpha", type=int, default=defaults.alpha)
-    p.add_argument("--dropout", type=float, default=defaults.dropout)
-    p.add_argument("--lr", type=float, default=defaults.learning_rate)
-    p.add_argument("--epochs", type=int, default=defaults.epochs)
-    p.add_argument("--seed", type=int, default=defaults.seed)
+    p.add_argument("--rank", type=int, default=defaults.rank, help="LoRA rank r (serve with --max-lora-rank >= r)")
+    p.add_argument("--alpha", type=int, default=defaults.alpha, help="LoRA alpha (rsLoRA scale alpha/sqrt(r))")
+    p.add_argument("--dropout", type=float, default=defaults.dropout, help="LoRA dropout")
+    p.add_argument("--lr", type=float, default=defaults.learning_rate, help="peak AdamW learning rate")
+    p.add_argument("--epochs", type=int, default=defaults.epochs, help="passes over the data")
+    p.add_argument("--seed", type=int, default=defaults.seed, help="shuffling, dropout and LoRA initialisation")
     p.add_argument("--max-samples", type=int, default=None, help="train on the first N rows only")
     p.add_argument("--no-bf16", action="store_true", help="float32 instead of bfloat16 autocast")
     args = p.parse_args(argv)
@@ -231,8 +232,6 @@ def main(argv: list[str] | None = None) -> dict:
     from .distill import read_jsonl
     from .model_prep import prepare_model
 
-    if not args.data.exists():
-        sys.exit(f"--data {args.data} does not exist; make it with: python -m swaa_vllm.distill --output {args.data}")
     model_dir = args.model or prepare_model()
     num_layers = AutoConfig.from_pretrained(model_dir).num_hidden_layers
     if args.swaa_config is not None:
@@ -243,9 +242,14 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         swaa_config = preset_config(args.preset, args.window, num_layers)
     try:
-        build_plan(swaa_config, num_layers)
+        build_plan(swaa_config, num_layers)  # the config first: it does not depend on the data
+    except SwaaConfigError as err:
+        sys.exit(str(err))
+    if not args.data.exists():
+        sys.exit(f"--data {args.data} does not exist; make it with: python -m swaa_vllm.distill --output {args.data}")
+    try:
         rows = read_jsonl(args.data)
-    except (SwaaConfigError, ValueError) as err:
+    except ValueError as err:
         sys.exit(str(err))
     rows = rows[: args.max_samples] if args.max_samples else rows
     hp = LoraHyperparameters(rank=args.rank, alpha=args.alpha, dropout=args.dropout, learning_rate=args.lr,
@@ -254,7 +258,7 @@ def main(argv: list[str] | None = None) -> dict:
     summary = train(model_dir, swaa_config, rows, args.output, hp, bf16=not args.no_bf16)
     print(f"adapter -> {args.output} ({summary['steps']} steps, {summary['train_s']:.0f} s, loss "
           f"{summary['loss_first_quarter']:.3f} -> {summary['loss_last_quarter']:.3f})", file=sys.stderr)
-    print(f"serve: vllm serve {model_dir} --attention-backend swaa --hf-overrides "
+    print(f"serve: vllm serve {model_dir} --served-model-name base --attention-backend swaa --hf-overrides "
           f"'{json.dumps({'swaa_config': swaa_config})}' --enable-lora --max-lora-rank {args.rank} "
           f"--lora-modules swaa-lora={args.output}", file=sys.stderr)
     return summary

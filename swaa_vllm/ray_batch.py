@@ -60,7 +60,8 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, Validat
 from swaa_vllm.config import SwaaConfigError, build_plan
 
 __all__ = [
-    "BatchInputError", "PromptRow", "SwaaGenerator", "check_input", "load_swaa_config", "main", "run_batch",
+    "BatchInputError", "PromptRow", "SwaaGenerator", "check_input", "load_swaa_config", "main", "model_config",
+    "run_batch",
 ]
 
 OUTPUT_FIELDS = ("id", "generated_text", "finish_reason", "num_prompt_tokens", "num_generated_tokens")
@@ -177,7 +178,12 @@ def load_swaa_config(value: str | None, model: str) -> dict | None:
     if value is None:
         return None
     text = value
-    if not value.lstrip().startswith("{") and Path(value).is_file():
+    if not value.lstrip().startswith("{"):
+        if not Path(value).is_file():
+            raise SwaaConfigError(
+                f"--swaa-config {value!r} is neither a JSON object nor an existing file; pass a JSON object such as "
+                '\'{"sliding_window_size": 512, "keep_first": 64}\' or the path of a JSON file'
+            )
         text = Path(value).read_text()
     try:
         raw = json.loads(text)
@@ -186,11 +192,26 @@ def load_swaa_config(value: str | None, model: str) -> dict | None:
             f"--swaa-config is not valid JSON ({err.msg} at character {err.pos}); pass a JSON object such as "
             '\'{"sliding_window_size": 512, "keep_first": 64}\' or the path of a JSON file'
         ) from None
+    build_plan(raw, model_config(model).get_text_config().num_hidden_layers)  # raises SwaaConfigError naming the field
+    return raw
+
+
+def model_config(model: str):
+    """The Hugging Face config of ``model`` (a directory, or a name already in the local HF cache).
+
+    Raises:
+        BatchInputError: the config cannot be loaded (the message names ``--model`` and the fix).
+    """
     from transformers import AutoConfig
 
-    text_config = AutoConfig.from_pretrained(model).get_text_config()
-    build_plan(raw, text_config.num_hidden_layers)  # raises SwaaConfigError naming the field
-    return raw
+    try:
+        return AutoConfig.from_pretrained(model)
+    except (OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise BatchInputError(
+            f"--model {model}: cannot load its config ({first}); pass a model directory with a config.json "
+            "(or a model name available offline)"
+        ) from None
 
 
 class SwaaGenerator:
@@ -356,6 +377,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.replicas < 1:
             raise BatchInputError(f"--replicas must be at least 1, got {args.replicas}")
         rows = check_input(args.input)
+        model_config(args.model)
         swaa_config = load_swaa_config(args.swaa_config, args.model)
     except (BatchInputError, SwaaConfigError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -278,6 +278,10 @@ def test_presets_and_cli_errors(tmp_path):
     assert bad.returncode != 0 and "swaa_config.sliding_window_size" in bad.stderr
     missing = run("--data", str(tmp_path / "none.jsonl"), "--output", str(tmp_path / "a"))
     assert missing.returncode != 0 and "python -m swaa_vllm.distill" in missing.stderr
+    # both wrong: the config is reported first (it does not depend on the data)
+    both = run("--data", str(tmp_path / "none.jsonl"), "--output", str(tmp_path / "a"), "--swaa-config",
+               '{"sliding_window_size": 0}')
+    assert both.returncode != 0 and "swaa_config.sliding_window_size" in both.stderr
     zero = run("--data", str(data), "--output", str(tmp_path / "a"), "--rank", "0")
     assert zero.returncode != 0 and "--rank must be >= 1" in zero.stderr
     assert not (tmp_path / "a").exists()

@@ -136,8 +136,9 @@ def test_parquet_rows_are_checked_like_jsonl(tmp_path):
          "swaa_config.non_sliding_layers: layer 30 is outside the model, which has 30 layers"),
         ('{"sliding_window_size": "32"}', "swaa_config.sliding_window_size: Input should be a valid integer"),
         ('{sliding_window_size: 32}', "--swaa-config is not valid JSON"),
+        ("/nonexistent/swaa.json", "is neither a JSON object nor an existing file"),
     ],
-    ids=["unknown-field", "layer-outside-model", "wrong-type", "not-json"],
+    ids=["unknown-field", "layer-outside-model", "wrong-type", "not-json", "missing-file"],
 )
 def test_bad_swaa_config_is_refused_before_ray_starts(tmp_path, model_dir, capsys, swaa_config, message):
     source = _write_jsonl(tmp_path / "in.jsonl", [{"id": "a", "prompt": "hi"}])
@@ -145,3 +146,11 @@ def test_bad_swaa_config_is_refused_before_ray_starts(tmp_path, model_dir, capsy
                              "--swaa-config", swaa_config], capsys)
     assert status == 2
     assert message in err
+
+
+def test_unloadable_model_is_refused_before_ray_starts(tmp_path, capsys):
+    source = _write_jsonl(tmp_path / "in.jsonl", [{"id": "a", "prompt": "hi"}])
+    status, err = _run_main(["--input", str(source), "--output", str(tmp_path / "out"), "--model",
+                             str(tmp_path / "no-model")], capsys)
+    assert status == 2
+    assert f"--model {tmp_path / 'no-model'}: cannot load its config" in err and "config.json" in err
