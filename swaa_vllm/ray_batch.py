@@ -166,8 +166,9 @@ def check_input(path: str | os.PathLike) -> int:
     return count
 
 
-def load_swaa_config(value: str | None, model: str) -> dict | None:
-    """Parse and validate ``--swaa-config`` (a JSON object, or the path of a JSON file) for ``model``.
+def load_swaa_config(value: str | None, num_layers: int) -> dict | None:
+    """Parse and validate ``--swaa-config`` (a JSON object, or the path of a JSON file) for a model of
+    ``num_layers`` decoder layers (from :func:`model_config`).
 
     None keeps the model's own ``swaa_config`` (its ``config.json``), if any.
 
@@ -192,7 +193,7 @@ def load_swaa_config(value: str | None, model: str) -> dict | None:
             f"--swaa-config is not valid JSON ({err.msg} at character {err.pos}); pass a JSON object such as "
             '\'{"sliding_window_size": 512, "keep_first": 64}\' or the path of a JSON file'
         ) from None
-    build_plan(raw, model_config(model).get_text_config().num_hidden_layers)  # raises SwaaConfigError naming the field
+    build_plan(raw, num_layers)  # raises SwaaConfigError naming the field
     return raw
 
 
@@ -377,8 +378,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.replicas < 1:
             raise BatchInputError(f"--replicas must be at least 1, got {args.replicas}")
         rows = check_input(args.input)
-        model_config(args.model)
-        swaa_config = load_swaa_config(args.swaa_config, args.model)
+        num_layers = model_config(args.model).get_text_config().num_hidden_layers
+        swaa_config = load_swaa_config(args.swaa_config, num_layers)
     except (BatchInputError, SwaaConfigError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
