@@ -5,8 +5,9 @@ a backend class, a metadata builder that turns vLLM's ``CommonAttentionMetadata`
 into :class:`SwaaMetadata` once per step, and an impl whose ``forward`` runs one
 layer. The mask of each layer comes from the model's ``swaa_config``
 (:mod:`swaa_vllm.config`); the role of every query token (prompt or generated)
-comes from its position against its request's prompt length, which
-:class:`swaa_vllm.worker.PromptLengthsRunnerMixin` hands to the builder each step.
+comes from its position against its request's prompt length, which the builder
+reads from the model runner's request table through
+:class:`swaa_vllm.prompt_lengths.RunnerPromptLengths` (V1 and V2 runners alike).
 
 KV cache layout: vLLM's own CPU attention layout. vLLM allocates each layer
 ``[num_blocks, num_kv_heads, block_size, 2 * head_size]`` in the order ``LBHNC``
@@ -33,6 +34,7 @@ from swaa_vllm.cpu_attention_op import (
     cpu_attention_isa,
     write_kv_cache_op,
 )
+from swaa_vllm.prompt_lengths import RunnerPromptLengths
 from swaa_vllm.vllm_shims import BACKEND_NAME
 from vllm.config import VllmConfig, get_current_vllm_config
 from vllm.logger import init_logger
@@ -99,6 +101,13 @@ class SwaaAttentionBackend(AttentionBackend):
         # to a later turn's prompt (see vllm_shims shim 4): refused, not bypassed.
         return False
 
+    @classmethod
+    def supports_device_cpu_query_lens_mismatch(cls) -> bool:
+        # The flash-attn path splits rows on the host from query_start_loc_cpu, which
+        # V2's adaptive verification leaves behind the device split: vLLM then refuses
+        # this backend at selection with that reason (vllm/v1/attention/backend.py).
+        return False
+
 
 @dataclass
 class SwaaMetadata:
@@ -135,13 +144,16 @@ class SwaaMetadata:
 class SwaaMetadataBuilder(AttentionMetadataBuilder[SwaaMetadata]):
     """Builds :class:`SwaaMetadata` from vLLM's ``CommonAttentionMetadata``.
 
-    ``prompt_lens_source`` must be set by the model runner before each build
-    (``[>= num_reqs]`` prompt lengths in batch order, see
-    :class:`swaa_vllm.worker.PromptLengthsRunnerMixin`); vLLM does not pass
-    per-request prompt lengths to builders by default.
+    ``prompt_lengths`` (:class:`~swaa_vllm.prompt_lengths.RunnerPromptLengths`) is
+    bound by the SWAA worker once the model runner has created its builders; vLLM
+    does not pass per-request prompt lengths to builders by default.
 
-    CUDA graphs: uniform (decode) batches, whose CUDA kernel reads only device
-    tensors (:mod:`swaa_vllm.cuda_path`); ignored on CPU.
+    CUDA graphs: ``UNIFORM_BATCH`` under both model runners: full graphs of uniform
+    decode batches (also speculative-decoding verification), whose Triton kernel reads
+    only device tensors, the prompt lengths from a persistent buffer refreshed in
+    place by every build, padding rows with P = 0 and no query tokens
+    (:mod:`swaa_vllm.cuda_path`); mixed and prefill batches run eagerly. Ignored on CPU.
+    Variable-length decode graphs (V2's adaptive verification) are not claimed.
     """
 
     _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.UNIFORM_BATCH
@@ -154,7 +166,7 @@ class SwaaMetadataBuilder(AttentionMetadataBuilder[SwaaMetadata]):
         device: torch.device,
     ) -> None:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
-        self.prompt_lens_source: torch.Tensor | None = None
+        self.prompt_lengths: RunnerPromptLengths | None = None
 
     def build(
         self,
@@ -167,22 +179,26 @@ class SwaaMetadataBuilder(AttentionMetadataBuilder[SwaaMetadata]):
             # Cascade attention splits off a shared prefix and attends it without the
             # per-token mask; vLLM 0.32 never asks (it removed cascade attention).
             raise NotImplementedError("cascade attention cannot honour the SWAA mask; it is not supported")
-        if self.prompt_lens_source is None:
+        if self.prompt_lengths is None:
             raise RuntimeError(
-                "the SWAA backend needs per-request prompt lengths from its model runner; "
+                "the SWAA backend needs per-request prompt lengths from its worker; "
                 "run with the swaa worker (set automatically for --attention-backend swaa; "
                 "do not override --worker-cls)"
             )
+        prompt_lens = self.prompt_lengths.for_batch(cm)
         if self.device.type == "cuda":
             from swaa_vllm.cuda_path import build_cuda_metadata
 
-            return build_cuda_metadata(self, cm)
+            return build_cuda_metadata(self, cm, prompt_lens)
+        num_reqs = cm.num_reqs
         return SwaaMetadata(
             num_actual_tokens=cm.num_actual_tokens,
-            query_start_loc=cm.query_start_loc_cpu[: cm.num_reqs + 1],
-            seq_lens=cm.seq_lens[: cm.num_reqs].cpu(),
-            prompt_lens=self.prompt_lens_source[: cm.num_reqs].clone(),
-            block_table=cm.block_table_tensor[: cm.num_reqs],
+            # The runner's own query_start_loc (a CPU tensor on the CPU platform), not the
+            # host copy, which V2 may leave behind a device-side draft split.
+            query_start_loc=cm.query_start_loc[: num_reqs + 1].cpu(),
+            seq_lens=cm.seq_lens[:num_reqs].cpu(),
+            prompt_lens=prompt_lens,
+            block_table=cm.block_table_tensor[:num_reqs],
         )
 
 

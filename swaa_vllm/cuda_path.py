@@ -92,12 +92,18 @@ def _kernel_choice() -> str:
     return choice
 
 
-def build_cuda_metadata(builder, cm) -> SwaaCudaMetadata:
+def build_cuda_metadata(builder, cm, prompt_lens_cpu: torch.Tensor) -> SwaaCudaMetadata:
     """:class:`SwaaCudaMetadata` from vLLM's ``CommonAttentionMetadata`` ``cm`` (see module docstring).
 
-    ``builder`` is the :class:`~swaa_vllm.backend.SwaaMetadataBuilder` (its
-    ``prompt_lens_source`` set by the model runner); the persistent device buffer
-    for prompt lengths is kept on it.
+    Args:
+        builder: the :class:`~swaa_vllm.backend.SwaaMetadataBuilder`; the persistent
+            device buffer for prompt lengths is kept on it.
+        cm: the step's ``CommonAttentionMetadata`` (``num_reqs`` may include request
+            padding of a full CUDA graph).
+        prompt_lens_cpu: int32 host ``[cm.num_reqs]`` from
+            :meth:`~swaa_vllm.prompt_lengths.RunnerPromptLengths.for_batch`, 0 on
+            padding rows; copied into the buffer in place, so a captured graph
+            replays with this step's values and never a stale length.
     """
     num_reqs = cm.num_reqs
     buffer = getattr(builder, "_swaa_prompt_lens_device", None)
@@ -105,7 +111,6 @@ def build_cuda_metadata(builder, cm) -> SwaaCudaMetadata:
         size = max(num_reqs, builder.vllm_config.scheduler_config.max_num_seqs)
         buffer = torch.zeros(size, dtype=torch.int32, device=builder.device)
         builder._swaa_prompt_lens_device = buffer
-    prompt_lens_cpu = builder.prompt_lens_source[:num_reqs].to(torch.int32)  # a private host copy
     buffer[:num_reqs].copy_(prompt_lens_cpu, non_blocking=True)
     model_config = builder.vllm_config.model_config
     choice = _kernel_choice()

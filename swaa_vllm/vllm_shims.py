@@ -41,10 +41,9 @@ there, so a vLLM upgrade that makes a shim unnecessary (or breaks it) fails CI.
    honours ``--attention-backend`` and validates the selected backend with
    ``validate_configuration`` (``vllm/platforms/cuda.py``, 0.32 and 0.33). Its
    ``check_and_update_config`` is wrapped like shim 3 to validate the plan, set
-   shim 4's flag and select :class:`swaa_vllm.worker.SwaaGPUWorker`; it refuses
-   vLLM's V2 model runner (the default in 0.33 when Triton is present), whose
-   metadata path the prompt-length hook does not cover yet: run with
-   ``VLLM_USE_V2_MODEL_RUNNER=0``.
+   shim 4's flag and select :class:`swaa_vllm.worker.SwaaGPUWorker`. Either of
+   vLLM's model runners (V2, the default, or V1) serves the backend
+   (:mod:`swaa_vllm.prompt_lengths`).
 6. **Ray executor on CPU.** vLLM 0.32's CPU platform names no Ray resource
    (``ray_device_key``), so ``--distributed-executor-backend ray`` stops with
    "current platform cpu does not support ray". When SWAA is selected with the Ray
@@ -148,11 +147,6 @@ def _patch_cuda_platform() -> None:
     @functools.wraps(original_check)
     def check_and_update_config(cls, vllm_config) -> None:
         original_check(cls, vllm_config)
-        if is_swaa_selected(vllm_config) and vllm_config.use_v2_model_runner:
-            raise ValueError(
-                "--attention-backend swaa needs vLLM's V1 GPU model runner (it passes prompt lengths to the "
-                "backend); set VLLM_USE_V2_MODEL_RUNNER=0"
-            )
         _after_platform_config(vllm_config, cpu_worker=GPU_WORKER, vllm_workers=_VLLM_GPU_WORKERS)
 
     platform_cls.check_and_update_config = classmethod(check_and_update_config)

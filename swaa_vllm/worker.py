@@ -1,16 +1,18 @@
-"""Worker and model runner that hand per-request prompt lengths to the SWAA builder.
+"""The SWAA workers: vLLM's CPU and GPU workers, with prompt lengths bound for the SWAA builder.
 
 SWAA decides whether a query token is a prompt token by its position against its
-request's prompt length P (``shared/SWAA.md``). vLLM's ``CommonAttentionMetadata``
-carries ``is_prefilling`` but not P, and the difference matters: a request resumed
-after preemption recomputes prompt and generated tokens in one chunk. The model
-runner knows P (``input_batch.num_prompt_tokens_cpu_tensor``, in batch order), so
-this runner points every :class:`~swaa_vllm.backend.SwaaMetadataBuilder` at that
-tensor right before vLLM builds the step's attention metadata.
+request's prompt length P (``shared/SWAA.md``), which vLLM does not pass to
+attention metadata builders. :mod:`swaa_vllm.prompt_lengths` reads P from the
+model runner's own request table; the workers here bind it to every
+:class:`~swaa_vllm.backend.SwaaMetadataBuilder` once the runner has created its
+builders (``initialize_from_config``, after ``initialize_kv_cache``). They do not
+subclass or re-class the model runner, so whichever runner vLLM builds (V2, its
+default, or the deprecated V1; CPU or GPU) runs unchanged, and the worker logs
+which one serves the SWAA backend.
 
 The worker class is selected through vLLM's own ``parallel_config.worker_cls``
 setting (done by :mod:`swaa_vllm.vllm_shims` when the backend is ``swaa``).
-Mirrors ``vllm/v1/worker/cpu_worker.py`` and ``vllm/v1/worker/cpu_model_runner.py``.
+Mirrors ``vllm/v1/worker/cpu_worker.py`` and ``vllm/v1/worker/gpu_worker.py``.
 
 Both workers also answer ``collective_rpc("swaa_attention_report")``
 (:class:`AttentionReportMixin`): which attention each layer runs on that worker, with
@@ -25,28 +27,34 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from swaa_vllm.backend import SwaaMetadataBuilder
-from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+from swaa_vllm.prompt_lengths import bind_prompt_lengths
+from vllm.logger import init_logger
 from vllm.v1.worker.cpu_worker import CPUWorker
-from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 from vllm.v1.worker.gpu_worker import Worker
 
-__all__ = [
-    "AttentionReportMixin", "PromptLengthsRunnerMixin", "SwaaCPUModelRunner", "SwaaCPUWorker", "SwaaGPUModelRunner",
-    "SwaaGPUWorker",
-]
+logger = init_logger("vllm.swaa")  # under "vllm" so that vLLM's log config shows it
+
+__all__ = ["AttentionReportMixin", "PromptLengthsWorkerMixin", "SwaaCPUWorker", "SwaaGPUWorker"]
 
 
-class PromptLengthsRunnerMixin:
-    """Model-runner mixin: publish prompt lengths to SWAA builders before each build."""
+class PromptLengthsWorkerMixin:
+    """Worker mixin: bind the model runner's prompt lengths to the SWAA builders it created.
 
-    def _build_attention_metadata(self, *args, **kwargs):  # signature: GPUModelRunner's
-        prompt_lens = self.input_batch.num_prompt_tokens_cpu_tensor
-        for group in self._attn_group_iterator():
-            for builder in group.metadata_builders:
-                if isinstance(builder, SwaaMetadataBuilder):
-                    builder.prompt_lens_source = prompt_lens
-        return super()._build_attention_metadata(*args, **kwargs)
+    ``initialize_from_config`` is vLLM's worker step that allocates the KV cache and
+    creates the attention metadata builders (``Worker.initialize_from_config`` ->
+    ``model_runner.initialize_kv_cache``, 0.32 and 0.33, inherited by the CPU worker);
+    every step, warm-up and CUDA-graph capture comes after it.
+    """
+
+    def initialize_from_config(self, kv_cache_config) -> None:
+        super().initialize_from_config(kv_cache_config)
+        source = bind_prompt_lengths(self.model_runner)
+        logger.info_once(
+            "SWAA backend on vLLM's %s model runner (%s): prompt lengths from %s.",
+            source.version, type(self.model_runner).__module__,
+            "req_states.prompt_len by CommonAttentionMetadata.req_idx" if source.version == "V2"
+            else "input_batch.num_prompt_tokens in batch order",
+        )
 
 
 class AttentionReportMixin:
@@ -92,48 +100,9 @@ class AttentionReportMixin:
         }
 
 
-class SwaaCPUModelRunner(PromptLengthsRunnerMixin, CPUModelRunner):
-    """vLLM's V1 CPU model runner plus :class:`PromptLengthsRunnerMixin`; no state of its own."""
+class SwaaCPUWorker(PromptLengthsWorkerMixin, AttentionReportMixin, CPUWorker):
+    """vLLM's CPU worker (V1 or V2 model runner, as vLLM chooses) plus the SWAA mixins; no state of its own."""
 
 
-class SwaaCPUWorker(AttentionReportMixin, CPUWorker):
-    """vLLM's CPU worker whose model runner is :class:`SwaaCPUModelRunner`.
-
-    Raises:
-        RuntimeError: if vLLM built a model runner other than its V1 CPU runner
-            (e.g. ``VLLM_USE_V2_MODEL_RUNNER=1``), which SWAA does not support yet.
-    """
-
-    def init_device(self) -> None:
-        super().init_device()
-        if type(self.model_runner) is not CPUModelRunner:
-            raise RuntimeError(
-                f"the swaa backend needs vLLM's V1 CPU model runner, got {type(self.model_runner).__name__}; "
-                "unset VLLM_USE_V2_MODEL_RUNNER or set it to 0"
-            )
-        # SwaaCPUModelRunner adds one method override and no state, so re-classing the
-        # runner CPUWorker.init_device just built is exact and avoids building it twice.
-        self.model_runner.__class__ = SwaaCPUModelRunner
-
-
-class SwaaGPUModelRunner(PromptLengthsRunnerMixin, GPUModelRunner):
-    """vLLM's V1 GPU model runner plus :class:`PromptLengthsRunnerMixin`; no state of its own."""
-
-
-class SwaaGPUWorker(AttentionReportMixin, Worker):
-    """vLLM's GPU worker whose model runner is :class:`SwaaGPUModelRunner`.
-
-    Uses ``Worker._make_model_runner``, the hook vLLM's GPU worker provides for
-    subclasses (0.32 and 0.33).
-
-    Raises:
-        RuntimeError: if vLLM's V2 model runner is enabled (``VLLM_USE_V2_MODEL_RUNNER``,
-            the 0.33 default when Triton is present), which SWAA does not support yet.
-    """
-
-    def _make_model_runner(self) -> GPUModelRunner:
-        if self.use_v2_model_runner:
-            raise RuntimeError(
-                "the swaa backend needs vLLM's V1 GPU model runner; set VLLM_USE_V2_MODEL_RUNNER=0"
-            )
-        return SwaaGPUModelRunner(self.vllm_config, self.device)
+class SwaaGPUWorker(PromptLengthsWorkerMixin, AttentionReportMixin, Worker):
+    """vLLM's GPU worker (V1 or V2 model runner, as vLLM chooses) plus the SWAA mixins; no state of its own."""

@@ -29,7 +29,7 @@ def test_impl_refuses_features_the_mask_cannot_honour(kwargs, what):
 
 def test_cascade_attention_is_refused():
     builder = SwaaMetadataBuilder(types.SimpleNamespace(), ["model.layers.0.self_attn.attn"], None, torch.device("cpu"))
-    builder.prompt_lens_source = torch.tensor([4])
+    builder.prompt_lengths = types.SimpleNamespace(for_batch=lambda cm: torch.tensor([4], dtype=torch.int32))
     with pytest.raises(NotImplementedError, match="cascade"):
         builder.build(common_prefix_len=16, common_attn_metadata=types.SimpleNamespace())
 
@@ -47,18 +47,3 @@ def test_kv_connectors_are_refused():
         attn_type="decoder", use_kv_connector=True,
     )
     assert "KV connector not supported" in reasons
-
-
-def test_v2_model_runner_is_refused(monkeypatch):
-    from vllm.v1.worker import cpu_worker
-
-    from swaa_vllm.worker import SwaaCPUWorker
-
-    worker = SwaaCPUWorker.__new__(SwaaCPUWorker)
-
-    def fake_init_device(self):
-        self.model_runner = object()  # what VLLM_USE_V2_MODEL_RUNNER=1 would build instead
-
-    monkeypatch.setattr(cpu_worker.CPUWorker, "init_device", fake_init_device)
-    with pytest.raises(RuntimeError, match="VLLM_USE_V2_MODEL_RUNNER"):
-        worker.init_device()

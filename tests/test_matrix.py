@@ -33,6 +33,7 @@ from pathlib import Path
 import pytest
 
 from tests import hf_reference, tiny_models
+from tests.v2_runner import RUNNERS, run_with_runner
 
 pytestmark = pytest.mark.e2e
 
@@ -65,6 +66,7 @@ class Case:
     num_layers: int = 4
     token_budget: int = 40
     engine_extra: dict = field(default_factory=dict)
+    runners: tuple[str, ...] = RUNNERS  # vLLM model runners this case runs under in make test
 
     @property
     def window(self) -> int:
@@ -145,7 +147,7 @@ def tiny_dirs(tmp_path_factory):
     return get
 
 
-def _run_engine(case: Case, model_dir: Path, waves: dict) -> tuple[dict, dict]:
+def _run_engine(case: Case, model_dir: Path, waves: dict) -> tuple[dict, dict, dict]:
     from tests.engine import greedy, llm_engine
 
     kwargs = dict(
@@ -173,15 +175,18 @@ def _run_engine(case: Case, model_dir: Path, waves: dict) -> tuple[dict, dict]:
         outputs["batch"] = run(waves["batch"], MAX_TOKENS)
         outputs["preempt"] = run(waves["preempt"], 36)
         metrics = {m.name: getattr(m, "value", None) for m in llm.get_metrics()}
-    return outputs, metrics
+    return outputs, metrics, waves  # waves: with the second turn added
 
 
+@pytest.mark.parametrize("runner", RUNNERS)
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
-def test_matches_reference_in_every_scheduler_situation(case, model_dir, tiny_dirs):
+def test_matches_reference_in_every_scheduler_situation(case, runner, model_dir, tiny_dirs, monkeypatch):
+    if runner not in case.runners:
+        pytest.skip(f"{case.name} runs under the {runner.upper()} runner only with SWAA_MATRIX=full (make sweep)")
     ckpt = model_dir if case.model == "bundled" else tiny_dirs(case)
     vocab = (100, 40000) if case.model == "bundled" else (2, tiny_models.VOCAB)
     waves = _workload(case, vocab)
-    outputs, metrics = _run_engine(case, ckpt, waves)
+    outputs, metrics, waves = run_with_runner(monkeypatch, runner, _run_engine, case, ckpt, waves)
 
     # The situations really happened.
     assert metrics["vllm:num_preemptions"] > 0, "no preemption: shrink NUM_BLOCKS"
