@@ -6,6 +6,7 @@
 #   make finetune  SWA-aware LoRA fine-tuning of the bundled model (self-distilled data) -> adapters/recipe_w128
 #   make eval-lora the accuracy harness with LoRA rows (trains 4 adapters first) -> benchmarks/results/accuracy_lora.*
 #   make bench   CPU speed: SWAA against vLLM's CPU_ATTN, prefill and decode -> benchmarks/results/cpu_e2e.{md,json,png}
+#   make check-vllm-gpu-api  the vLLM interfaces the GPU path uses exist in the CUDA wheel (VLLM_GPU_VERSION, 0.33.*): AST only, no GPU
 # Variables: PORT (8000), HOST (127.0.0.1), SWAA_CONFIG (JSON), PYTHON (python3.11 or python3).
 
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
@@ -21,7 +22,7 @@ SWAA_CONFIG ?= {"sliding_window_size": 512, "keep_first": 64, "force_fa_decode":
 export VLLM_CPU_KVCACHE_SPACE ?= 2
 STAMP  := $(VENV)/.installed
 
-.PHONY: install serve test sweep eval bench model clean finetune eval-lora
+.PHONY: install serve test sweep eval bench model clean finetune eval-lora check-vllm-gpu-api
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -94,3 +95,24 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis
+
+# The vLLM interfaces of the CUDA path and the model-runner hooks (tests/vllm_api/expectations.py), checked
+# in the official CUDA wheel by parsing its sources: the CUDA build cannot be imported here, and no GPU is
+# needed. The wheel (~340 MB) is downloaded once into $(VLLM_WHEELS) (kept while one matches the version),
+# its vllm/*.py extracted to $(VLLM_GPU_SRC)/<wheel stem>/. VLLM_GPU_VERSION=0.34.* checks another release.
+VLLM_GPU_VERSION ?= 0.33.*
+VLLM_WHEELS  := .cache/vllm-wheels
+VLLM_GPU_SRC := .cache/vllm-gpu-src
+
+check-vllm-gpu-api: $(STAMP)
+	@mkdir -p $(VLLM_WHEELS)
+	@find_wheel() { ls -1 $(VLLM_WHEELS)/vllm-$(VLLM_GPU_VERSION)-*.whl 2>/dev/null | sort -V | tail -n 1; }; \
+	wheel=$$(find_wheel); \
+	if [ -z "$$wheel" ]; then \
+	  echo "Downloading vllm==$(VLLM_GPU_VERSION) (~340 MB) into $(VLLM_WHEELS)"; \
+	  $(PIP) download --no-deps --only-binary=:all: -d $(VLLM_WHEELS) 'vllm==$(VLLM_GPU_VERSION)' || exit 1; \
+	  wheel=$$(find_wheel); \
+	fi; \
+	[ -n "$$wheel" ] || { echo "no vllm-$(VLLM_GPU_VERSION)-*.whl in $(VLLM_WHEELS) after the download" >&2; exit 1; }; \
+	echo "Checking the vLLM interfaces swaa-vllm uses in $$wheel"; \
+	$(PY) -m tests.vllm_api.check --wheel "$$wheel" --unpack-to $(VLLM_GPU_SRC)

@@ -10,7 +10,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python}"
-export VLLM_USE_V2_MODEL_RUNNER=0   # swaa needs the V1 GPU model runner (see swaa_vllm/vllm_shims.py, shim 5)
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 VLLM_NO_USAGE_STATS=1 TOKENIZERS_PARALLELISM=false
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
 # kernels/ is the import package swaa_kernels: make it importable without installing anything.

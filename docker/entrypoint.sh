@@ -12,7 +12,7 @@
 #   VLLM_BIN            the vllm executable (default: vllm on PATH)
 #   PYTHON              a Python 3 interpreter, used to check SWAA_CONFIG (default: python3)
 #   SWAA_DRY_RUN=1      print the command (shell-quoted, one line) instead of running it
-# VLLM_USE_V2_MODEL_RUNNER defaults to 0: the swaa backend needs vLLM's V1 model runner.
+# vLLM picks its model runner as usual (V2 by default); swaa works with V2 and V1.
 # Exit status 2: no model, or SWAA_CONFIG is not a JSON object.
 set -euo pipefail
 
@@ -46,10 +46,8 @@ print(json.dumps({"swaa_config": value}))
 fi
 cmd+=("$@")
 
-export VLLM_USE_V2_MODEL_RUNNER="${VLLM_USE_V2_MODEL_RUNNER:-0}"
 if [[ "${SWAA_DRY_RUN:-0}" == 1 ]]; then
-  printf 'VLLM_USE_V2_MODEL_RUNNER=%s' "$VLLM_USE_V2_MODEL_RUNNER"
-  printf ' %q' "${cmd[@]}"
+  printf '%q ' "${cmd[@]}"
   printf '\n'
   exit 0
 fi

@@ -84,8 +84,15 @@ class RunnerPromptLengths:
         runner = self.model_runner
         if self.version == "V2":
             rows = common_attn_metadata.req_idx
-            if rows is None:  # builds outside a step (none in vLLM 0.32/0.33 pass None)
-                rows = np.empty(0, dtype=np.int64)
+            if rows is None:
+                # V2 leaves req_idx unset outside its default model state: draft-model speculators
+                # (spec_decode/speculator.py), hybrid Mamba and encoder-decoder states. The config
+                # hook refuses those at startup; reaching here means a new vLLM path.
+                raise RuntimeError(
+                    "the SWAA backend got attention metadata without CommonAttentionMetadata.req_idx from "
+                    "vLLM's V2 model runner, so it cannot tell each row's prompt length; this vLLM path "
+                    "(e.g. a draft-model speculator) is not supported"
+                )
             return runner.req_states.prompt_len.np, np.asarray(rows)
         input_batch = runner.input_batch
         return input_batch.num_prompt_tokens, np.arange(input_batch.num_reqs)
@@ -99,6 +106,10 @@ class RunnerPromptLengths:
         Returns:
             int32 CPU tensor ``[num_reqs]`` (a fresh copy, safe to keep): P of each
             real row in batch order, 0 for padding rows.
+
+        Raises:
+            RuntimeError: under V2, for metadata without ``req_idx`` (not a step of
+                V2's default model state).
         """
         table, rows = self.table_and_rows(common_attn_metadata)
         num_reqs = common_attn_metadata.num_reqs

@@ -67,6 +67,8 @@ BACKEND_PATH = "swaa_vllm.backend.SwaaAttentionBackend"
 CPU_WORKER = "swaa_vllm.worker.SwaaCPUWorker"
 _VLLM_CPU_WORKERS = ("auto", "vllm.v1.worker.cpu_worker.CPUWorker")
 GPU_WORKER = "swaa_vllm.worker.SwaaGPUWorker"
+# Speculative decoding whose drafts come from tokens, not a model: verification steps only (tested: ngram).
+MODEL_FREE_SPECULATORS = ("ngram", "ngram_gpu", "suffix")
 _VLLM_GPU_WORKERS = ("auto", "vllm.v1.worker.gpu_worker.Worker")
 
 __all__ = ["install", "swaa_backend_member", "is_swaa_selected"]
@@ -212,6 +214,16 @@ def _check_model_supported(vllm_config) -> None:
         )
     if vllm_config.cache_config.cache_dtype != "auto":
         problems.append(f"--kv-cache-dtype {vllm_config.cache_config.cache_dtype} is not supported; use auto")
+    speculative_config = getattr(vllm_config, "speculative_config", None)
+    method = getattr(speculative_config, "method", None)
+    if speculative_config is not None and method not in MODEL_FREE_SPECULATORS:
+        # A draft model's attention metadata is built outside the step's request table (V2 passes no
+        # CommonAttentionMetadata.req_idx there; V1's drafter has builders of its own), so its SWAA
+        # layers would not know their prompt lengths.
+        problems.append(
+            f"speculative_config.method={method!r} runs a draft model, whose attention steps carry no prompt "
+            f"lengths; use a model-free method ({', '.join(MODEL_FREE_SPECULATORS)}) or no speculative decoding"
+        )
     from vllm.platforms import current_platform
 
     if current_platform.is_cpu():

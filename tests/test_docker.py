@@ -57,12 +57,11 @@ def test_cuda_base_is_the_gpu_extras_vllm():
 
 
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
-def test_images_use_the_entrypoint_and_v1_runner(dockerfile):
+def test_images_use_the_entrypoint_and_vllms_own_runner_choice(dockerfile):
     text = dockerfile.read_text()
     assert "COPY docker/entrypoint.sh /usr/local/bin/swaa-entrypoint" in text
     assert 'ENTRYPOINT ["swaa-entrypoint"]' in text
-    if dockerfile.name.endswith("cuda"):
-        assert "VLLM_USE_V2_MODEL_RUNNER=0" in text
+    assert "VLLM_USE_V2_MODEL_RUNNER" not in text  # swaa serves under vLLM's default (V2) runner
 
 
 def _entrypoint(*args: str, **env: str) -> subprocess.CompletedProcess:
@@ -73,9 +72,7 @@ def _entrypoint(*args: str, **env: str) -> subprocess.CompletedProcess:
 
 def _command(result: subprocess.CompletedProcess) -> list[str]:
     assert result.returncode == 0, result.stderr
-    words = shlex.split(result.stdout)
-    assert words[0] == "VLLM_USE_V2_MODEL_RUNNER=0"
-    return words[1:]
+    return shlex.split(result.stdout)
 
 
 PLAN = {"sliding_window_size": 512, "keep_first": 64, "force_fa_decode": True, "non_sliding_layers": [1, 3]}
@@ -106,9 +103,15 @@ def test_options_only_use_the_model_from_environment():
     assert "--hf-overrides" not in cmd
 
 
-def test_v2_runner_setting_is_kept_for_vllm_to_refuse():
-    result = _entrypoint("/m", VLLM_USE_V2_MODEL_RUNNER="1")
-    assert result.stdout.startswith("VLLM_USE_V2_MODEL_RUNNER=1 ")
+def test_runner_choice_is_left_to_vllm(tmp_path):
+    """The entrypoint neither sets nor changes VLLM_USE_V2_MODEL_RUNNER: vLLM's default (V2) applies."""
+    fake = tmp_path / "vllm"
+    fake.write_text('#!/usr/bin/env bash\nprintf "%s\\n" "${VLLM_USE_V2_MODEL_RUNNER-unset}"\n')
+    fake.chmod(0o755)
+    for env, expected in (({}, "unset"), ({"VLLM_USE_V2_MODEL_RUNNER": "0"}, "0")):
+        result = _entrypoint("/m", SWAA_DRY_RUN="0", VLLM_BIN=str(fake), **env)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.splitlines() == [expected]
 
 
 @pytest.mark.parametrize(
@@ -136,11 +139,10 @@ def test_no_model_is_refused():
 def test_without_dry_run_it_execs_vllm(tmp_path):
     """The real path: exec replaces the shell with the vllm executable and its arguments."""
     fake = tmp_path / "vllm"
-    fake.write_text('#!/usr/bin/env bash\nprintf "%s\\n" "$VLLM_USE_V2_MODEL_RUNNER" "$@"\n')
+    fake.write_text('#!/usr/bin/env bash\nprintf "%s\\n" "$@"\n')
     fake.chmod(0o755)
     result = _entrypoint("/m", SWAA_DRY_RUN="0", VLLM_BIN=str(fake), SWAA_CONFIG='{"sliding_window_size": 8}')
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert lines[0] == "0"
-    assert lines[1:4] == ["serve", "/m", "--attention-backend"]
+    assert lines[0:3] == ["serve", "/m", "--attention-backend"]
     assert json.loads(lines[lines.index("--hf-overrides") + 1]) == {"swaa_config": {"sliding_window_size": 8}}

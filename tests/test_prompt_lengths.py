@@ -76,6 +76,13 @@ def test_v2_padding_rows_get_zero_not_a_stale_entry(monkeypatch):
     assert got.tolist() == [3, 5, 0, 0]  # two real rows, two rows of request padding (full CUDA graph)
 
 
+def test_v2_metadata_without_req_idx_is_refused_not_guessed(monkeypatch):
+    runner = _v2_runner(monkeypatch)
+    _add(runner, "a", 5)
+    with pytest.raises(RuntimeError, match="req_idx"):
+        RunnerPromptLengths(runner).for_batch(_metadata(1, None))
+
+
 def test_v2_result_is_a_copy_that_later_steps_do_not_change(monkeypatch):
     runner = _v2_runner(monkeypatch)
     _add(runner, "a", 5)

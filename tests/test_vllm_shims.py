@@ -97,7 +97,7 @@ def test_vllm_still_ignores_foreign_backends_on_cpu():
 
 
 def _fake_vllm_config(backend, swaa_config, worker_cls="auto", sliding_window=None, use_mla=False, cache_dtype="auto",
-                      block_size=128, head_size=64):
+                      block_size=128, head_size=64, speculative_method=None):
     hf_config = types.SimpleNamespace(num_hidden_layers=4, model_type="llama")
     if swaa_config is not None:
         hf_config.swaa_config = swaa_config
@@ -110,6 +110,7 @@ def _fake_vllm_config(backend, swaa_config, worker_cls="auto", sliding_window=No
         attention_config=types.SimpleNamespace(backend=backend),
         parallel_config=types.SimpleNamespace(worker_cls=worker_cls),
         cache_config=types.SimpleNamespace(cache_dtype=cache_dtype, block_size=block_size),
+        speculative_config=None if speculative_method is None else types.SimpleNamespace(method=speculative_method),
     )
 
 
@@ -121,6 +122,8 @@ def _fake_vllm_config(backend, swaa_config, worker_cls="auto", sliding_window=No
         ({"cache_dtype": "fp8"}, "--kv-cache-dtype fp8"),
         ({"block_size": 8}, r"multiple of 16, got block_size=8; set --block-size \(offline: LLM\(block_size=...\)\)"),
         ({"head_size": 72}, "head_size=72"),
+        ({"speculative_method": "eagle3"}, r"speculative_config.method='eagle3' runs a draft model.*use a model-free"),
+        ({"speculative_method": "draft_model"}, "speculative_config.method='draft_model'"),
     ],
 )
 def test_config_hook_refuses_unsupported_models_at_startup(overrides, message):
@@ -133,6 +136,8 @@ def test_config_hook_selects_worker_and_validates():
     cfg = _fake_vllm_config(AttentionBackendEnum.SWAA, {"sliding_window_size": 8})
     vllm_shims._after_platform_config(cfg, cpu_worker=vllm_shims.CPU_WORKER)
     assert cfg.parallel_config.worker_cls == vllm_shims.CPU_WORKER
+    ngram = _fake_vllm_config(AttentionBackendEnum.SWAA, {"sliding_window_size": 8}, speculative_method="ngram")
+    vllm_shims._after_platform_config(ngram, cpu_worker=vllm_shims.CPU_WORKER)  # model-free: accepted
 
     from swaa_vllm.config import SwaaConfigError
 

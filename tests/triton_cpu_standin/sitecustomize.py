@@ -14,6 +14,12 @@ does both), and every Python process started with that environment, including
 vLLM's spawned engine-core and worker processes, registers the stand-in before
 anything imports vLLM. Without the flag it does nothing. It is never installed
 with the package and never used outside the tests.
+
+One interpreter fault is mended too: Triton 3.9's interpreter represents ``a & b``
+of a block mask and a scalar comparison as int32 data (a ``tl.int1`` value), and its
+masked load/store then fail with "mask has unsupported dtype" (it happens in vLLM's
+V2 ngram speculator, ``_ngram_finalize_kernel``). Masked loads and stores cast such
+masks to bool, which is what compiled Triton does; nothing else changes.
 """
 
 import os
@@ -79,3 +85,23 @@ if os.environ.get("SWAA_TRITON_CPU_STANDIN") == "1":
                 return 0
 
         backends["cpu"] = Backend(compiler=_InterpreterCompiler, driver=_InterpreterDriver)
+
+        import numpy as np
+        from triton.runtime import interpreter as _interp
+
+        def _bool_mask(mask):
+            if mask.data.dtype != np.bool_:
+                return _interp.TensorHandle(mask.data.astype(np.bool_), mask.dtype)
+            return mask
+
+        _masked_load = _interp.InterpreterBuilder.create_masked_load
+        _masked_store = _interp.InterpreterBuilder.create_masked_store
+
+        def create_masked_load(self, ptrs, mask, other, cache_policy, is_volatile):
+            return _masked_load(self, ptrs, _bool_mask(mask), other, cache_policy, is_volatile)
+
+        def create_masked_store(self, ptrs, value, mask, cache_policy):
+            return _masked_store(self, ptrs, value, _bool_mask(mask), cache_policy)
+
+        _interp.InterpreterBuilder.create_masked_load = create_masked_load
+        _interp.InterpreterBuilder.create_masked_store = create_masked_store
