@@ -66,7 +66,7 @@ eval: $(STAMP)
 	$(VENV)/bin/swaa-vllm-prepare-model
 	$(PY) benchmarks/accuracy_grid.py $(EVAL_ARGS)
 
-# SWA-aware fine-tuning (swaa_vllm/distill.py, swaa_vllm/finetune.py). The data: 240 long prompts of the
+# SWA-aware fine-tuning (swaa_vllm/finetuning/distill.py, swaa_vllm/finetuning/train.py). The data: 240 long prompts of the
 # training families answered by the full-attention model, right answers kept (~8 min). One adapter:
 # 5-9 min on 2 cores. adapters/<preset>_w<W> is trained under that preset's swaa_config.
 ADAPTERS ?= adapters
@@ -75,13 +75,13 @@ LORA_ADAPTERS := $(foreach w,128 256,$(ADAPTERS)/swa_only_w$(w)/swaa_training.js
 
 $(ADAPTERS)/distill.jsonl: | $(STAMP)
 	$(VENV)/bin/swaa-vllm-prepare-model
-	$(PY) -m swaa_vllm.distill --output $@
+	$(PY) -m swaa_vllm.finetuning.distill --output $@
 
 $(ADAPTERS)/%/swaa_training.json: $(ADAPTERS)/distill.jsonl
-	stem=$*; $(PY) -m swaa_vllm.finetune --data $< --output $(ADAPTERS)/$$stem --preset $${stem%_w*} --window $${stem##*_w}
+	stem=$*; $(PY) -m swaa_vllm.finetuning.train --data $< --output $(ADAPTERS)/$$stem --preset $${stem%_w*} --window $${stem##*_w}
 
 finetune: $(ADAPTERS)/distill.jsonl
-	$(PY) -m swaa_vllm.finetune --data $(ADAPTERS)/distill.jsonl $(FINETUNE_ARGS)
+	$(PY) -m swaa_vllm.finetuning.train --data $(ADAPTERS)/distill.jsonl $(FINETUNE_ARGS)
 
 eval-lora: $(LORA_ADAPTERS)
 	$(PY) benchmarks/accuracy_grid.py --lora --per-task 10 --adapters-dir $(ADAPTERS) $(EVAL_ARGS)

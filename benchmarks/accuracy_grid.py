@@ -9,7 +9,7 @@ and ``accuracy.png`` to ``--out-dir`` (default ``benchmarks/results``).
     .venv/bin/python benchmarks/accuracy_grid.py --only full,swa_k_fa_odd --windows 128 --per-task 10
     .venv/bin/python benchmarks/accuracy_grid.py --lora --per-task 10   # + SWA-aware LoRA rows (make eval-lora)
 
-``--lora`` evaluates the fine-tuned adapters of ``python -m swaa_vllm.finetune`` (served through vLLM's LoRA
+``--lora`` evaluates the fine-tuned adapters of ``python -m swaa_vllm.finetuning.train`` (served through vLLM's LoRA
 support, ``LoRARequest``, with the ``swaa`` backend): full attention, then per window in ``--lora-windows``
 SWA only, SWA only + LoRA, the recipe, recipe + LoRA, each adapter trained under its row's ``swaa_config``
 (checked against the adapter's ``swaa_training.json``). Writes ``accuracy_lora.{json,md,png}``.
@@ -33,6 +33,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from swaa_vllm.evaluation.recipes import KEEP_FIRST, PRESETS, swaa_config
+
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO / "benchmarks" / "results"
 
@@ -41,7 +43,6 @@ DEFAULT_OUT = REPO / "benchmarks" / "results"
 CONTEXT_TOKENS = 640
 MAIN_WINDOW = 128
 SWEEP_WINDOWS = (64, 256)
-KEEP_FIRST = 16
 TASK_NAMES = ("passkey", "niah_single", "niah_multikey", "niah_multivalue")
 PER_TASK = 5
 SEED = 0
@@ -80,24 +81,6 @@ class GridConfig:
     adapter: str | None = None
 
 
-def full_layer_indices(kind: str, num_layers: int) -> list[int]:
-    """Layer indices that keep full attention: ``odd`` (1, 3, ...), ``even`` (0, 2, ...), ``1/4`` (3, 7, ...:
-    the last layer of every group of four), ``""`` (none).
-
-    Raises:
-        ValueError: unknown ``kind``.
-    """
-    if kind == "":
-        return []
-    if kind == "odd":
-        return list(range(1, num_layers, 2))
-    if kind == "even":
-        return list(range(0, num_layers, 2))
-    if kind == "1/4":
-        return list(range(3, num_layers, 4))
-    raise ValueError(f"unknown full-layer pattern {kind!r}")
-
-
 def make_config(window: int | None, num_layers: int, keep_first: int = 0, fa_decode: bool = False,
                 full_layers: str = "") -> GridConfig:
     """A :class:`GridConfig` with its name, label and ``swaa_config`` derived from the knobs."""
@@ -113,13 +96,7 @@ def make_config(window: int | None, num_layers: int, keep_first: int = 0, fa_dec
     if full_layers:
         parts.append({"odd": "odd", "even": "even", "1/4": "quarter"}[full_layers])
         label.append(f"{full_layers} layers full" if full_layers != "1/4" else "1/4 layers full")
-    cfg: dict = {"sliding_window_size": window}
-    if keep_first:
-        cfg["keep_first"] = keep_first
-    if fa_decode:
-        cfg["force_fa_decode"] = True
-    if full_layers:
-        cfg["non_sliding_layers"] = full_layer_indices(full_layers, num_layers)
+    cfg = swaa_config(window, num_layers, keep_first, fa_decode, full_layers)
     name = "_".join(parts) + f"_w{window}"
     text = label[0] + (" only" if len(label) == 1 else " + " + " + ".join(label[1:]))
     return GridConfig(name, text, window, keep_first, fa_decode, full_layers, cfg)
@@ -157,9 +134,9 @@ def default_grid(num_layers: int, main_window: int = MAIN_WINDOW, sweep_windows=
     return grid
 
 
-# The LoRA grid: adapters/<preset>_w<W> from `make eval-lora` (python -m swaa_vllm.finetune --preset ...).
+# The LoRA grid: adapters/<preset>_w<W> from `make eval-lora` (python -m swaa_vllm.finetuning.train --preset ...).
 LORA_WINDOWS = (128, 256)
-LORA_PRESETS = (("swa_only", (False, False, "")), ("recipe", (True, True, "odd")))
+LORA_PRESETS = tuple((name, PRESETS[name]) for name in ("swa_only", "recipe"))
 
 
 def with_adapter(cfg: GridConfig, adapter: Path) -> GridConfig:
@@ -231,11 +208,11 @@ def _machine() -> str:
 def run_config(model_dir: Path, cfg: GridConfig, samples, dtype: str, max_model_len: int, seed: int) -> dict:
     """Start one engine for ``cfg``, generate greedily for every sample in one batch, score, shut down.
 
-    Returns the configuration's entry of the results dictionary (see :mod:`swaa_vllm.accuracy_report`).
+    Returns the configuration's entry of the results dictionary (see :mod:`swaa_vllm.evaluation.report`).
     """
     from vllm import LLM, SamplingParams, TokensPrompt
 
-    from swaa_vllm.longctx_tasks import score
+    from swaa_vllm.evaluation.scoring import score
 
     kwargs = {"hf_overrides": {"swaa_config": cfg.swaa_config}} if cfg.swaa_config else {}
     lora_request = None
@@ -324,9 +301,9 @@ def main(argv: list[str] | None = None) -> dict:
     from tqdm import tqdm
     from transformers import AutoConfig, AutoTokenizer
 
-    from swaa_vllm import accuracy_report
-    from swaa_vllm.longctx_tasks import TaskSpec, make_samples
-    from swaa_vllm.model_prep import prepare_model
+    from swaa_vllm.evaluation import report
+    from swaa_vllm.evaluation.tasks import TaskSpec, make_samples
+    from swaa_vllm.models.bundled import prepare_model
 
     model_dir = prepare_model()
     num_layers = AutoConfig.from_pretrained(model_dir).num_hidden_layers
@@ -353,7 +330,7 @@ def main(argv: list[str] | None = None) -> dict:
         bar.set_postfix_str(cfg.name)
         entry = run_config(model_dir, cfg, samples, args.dtype, max_model_len, args.seed)
         configs.append(entry)
-        k, n = accuracy_report.summarize(entry["records"])
+        k, n = report.summarize(entry["records"])
         tqdm.write(f"{cfg.label:<45} W={cfg.window!s:>4}  {k:>3}/{n}  ({entry['startup_s']:.0f} s start, "
                    f"{entry['generate_s']:.0f} s generate)", file=sys.stderr)
     lengths = [s.num_tokens for s in samples]
@@ -387,7 +364,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     if args.lora:
         results["meta"]["adapters"] = {c.name: _adapter_summary(c.adapter) for c in grid if c.adapter}
-    paths = accuracy_report.write_all(results, args.out_dir, plot_png=not args.no_plot,
+    paths = report.write_all(results, args.out_dir, plot_png=not args.no_plot,
                                       stem="accuracy_lora" if args.lora else "accuracy")
     print(f"wrote {', '.join(str(p) for p in paths)} in {results['meta']['wall_s']:.0f} s")
     return results

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from swaa_kernels.cpu import LayerMaskSpec, paged_swaa_attention, torch_paged_attention, write_kv_cache
-from swaa_vllm.cpu_attention_op import VllmCpuPagedAttention, cpu_attention_isa
+from swaa_vllm.platforms.cpu_attention_op import VllmCpuPagedAttention, cpu_attention_isa
 
 HEADS, KV_HEADS, HEAD_SIZE, BLOCK = 9, 3, 64, 128
 

@@ -44,6 +44,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from swaa_vllm.evaluation.recipes import full_layer_indices
+
 RESULTS = Path(__file__).resolve().parent / "results"
 WINDOW, SINKS = 1024, 64
 
@@ -72,7 +74,7 @@ def configs(num_layers: int) -> list[Config]:
         Config("swaa, no swaa_config", "swaa", None),
         Config(f"swaa, all sliding (W={WINDOW}, k={SINKS})", "swaa", sliding),
         Config("swaa, every other layer full", "swaa",
-               {**sliding, "non_sliding_layers": list(range(1, num_layers, 2))}),
+               {**sliding, "non_sliding_layers": full_layer_indices("odd", num_layers)}),
     ]
 
 
@@ -335,7 +337,7 @@ def main() -> None:
     args = parser.parse_args()
 
     os.environ.setdefault("VLLM_ALLOW_LONG_MAX_MODEL_LEN", "1")  # the bundled model was trained to 8k
-    from swaa_vllm.model_prep import prepare_model
+    from swaa_vllm.models.bundled import prepare_model
 
     bundled = prepare_model()
     env = environment()

@@ -18,7 +18,7 @@ classes, fixed by ``shared/SWAA.md``'s rule (:func:`plan_rows`):
 Causal and windowed rows go to a *paged attention primitive*
 (:data:`PagedAttention`): by default :func:`torch_paged_attention` (plain torch,
 this module), in the vLLM backend vLLM's own C++ CPU attention op
-(``swaa_vllm.cpu_attention_op``), the kernel behind vLLM's ``CPU_ATTN`` backend, so
+(``swaa_vllm.platforms.cpu_attention_op``), the kernel behind vLLM's ``CPU_ATTN`` backend, so
 full-attention layers and full-attention decode run exactly as fast as there.
 Sink-window rows, which no library kernel expresses, are attended here in query tiles
 of ``query_tile`` rows; each tile is given only its keys (the sinks and the window

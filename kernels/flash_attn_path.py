@@ -25,7 +25,7 @@ tested on CPU with a stand-in (tests/test_flash_attn_merge.py); the default
 Upstream ``flash-attn`` is not used: its paged KV cache needs block sizes
 divisible by 256, vLLM uses 16.
 
-Selection between the two GPU paths (see ``swaa_vllm/cuda_path.py``): this path
+Selection between the two GPU paths (see ``swaa_vllm/platforms/cuda_path.py``): this path
 for steps whose longest query is above one token (prefill, chunked prefill,
 mixed steps) when ``vllm_flash_attn`` is importable, the dtype is float16/bfloat16
 and no CUDA graph is being captured (it reads metadata on the host);

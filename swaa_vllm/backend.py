@@ -14,7 +14,7 @@ KV cache layout: vLLM's own CPU attention layout. vLLM allocates each layer
 (as for ``CPU_ATTN``); keys and values are written by vLLM's
 ``cpu_attn_reshape_and_cache`` op and read both by vLLM's C++ attention op (rows
 whose keys are one contiguous range) and by :mod:`swaa_kernels.cpu` (sink-window
-rows); see :mod:`swaa_vllm.cpu_attention_op`. Every layer keeps a full-attention KV
+rows); see :mod:`swaa_vllm.platforms.cpu_attention_op`. Every layer keeps a full-attention KV
 spec, so vLLM never frees a block that FA decode will read.
 """
 
@@ -27,7 +27,7 @@ import torch
 
 from swaa_kernels.cpu import LayerMaskSpec, RowPlan, paged_swaa_attention, plan_rows
 from swaa_vllm.config import SwaaPlan, plan_from_hf_config
-from swaa_vllm.cpu_attention_op import (
+from swaa_vllm.platforms.cpu_attention_op import (
     SUPPORTED_HEAD_SIZES,
     VllmCpuPagedAttention,
     check_cache_layout,
@@ -152,7 +152,7 @@ class SwaaMetadataBuilder(AttentionMetadataBuilder[SwaaMetadata]):
     decode batches (also speculative-decoding verification), whose Triton kernel reads
     only device tensors, the prompt lengths from a persistent buffer refreshed in
     place by every build, padding rows with P = 0 and no query tokens
-    (:mod:`swaa_vllm.cuda_path`); mixed and prefill batches run eagerly. Ignored on CPU.
+    (:mod:`swaa_vllm.platforms.cuda_path`); mixed and prefill batches run eagerly. Ignored on CPU.
     Variable-length decode graphs (V2's adaptive verification) are not claimed.
     """
 
@@ -187,7 +187,7 @@ class SwaaMetadataBuilder(AttentionMetadataBuilder[SwaaMetadata]):
             )
         prompt_lens = self.prompt_lengths.for_batch(cm)
         if self.device.type == "cuda":
-            from swaa_vllm.cuda_path import build_cuda_metadata
+            from swaa_vllm.platforms.cuda_path import build_cuda_metadata
 
             return build_cuda_metadata(self, cm, prompt_lens)
         num_reqs = cm.num_reqs
@@ -209,7 +209,7 @@ class SwaaAttentionImpl(AttentionImpl[SwaaMetadata]):
     """One decoder layer's SWAA attention.
 
     CPU: :mod:`swaa_kernels.cpu` with vLLM's C++ CPU attention op as its paged
-    primitive (:mod:`swaa_vllm.cpu_attention_op`); CUDA: :mod:`swaa_vllm.cuda_path`.
+    primitive (:mod:`swaa_vllm.platforms.cpu_attention_op`); CUDA: :mod:`swaa_vllm.platforms.cuda_path`.
 
     Raises:
         NotImplementedError: at model construction for features the mask cannot
@@ -283,7 +283,7 @@ class SwaaAttentionImpl(AttentionImpl[SwaaMetadata]):
     ) -> None:
         """Write this step's keys/values ``[num_tokens, num_kv_heads, head_size]`` into the cache."""
         if kv_cache.is_cuda:
-            from swaa_vllm.cuda_path import cuda_kv_views, write_kv_cache_cuda
+            from swaa_vllm.platforms.cuda_path import cuda_kv_views, write_kv_cache_cuda
 
             write_kv_cache_cuda(key, value, *cuda_kv_views(kv_cache), slot_mapping)
             return
@@ -307,8 +307,8 @@ class SwaaAttentionImpl(AttentionImpl[SwaaMetadata]):
         if attn_metadata is None:  # profiling / warm-up run
             return output
         n = attn_metadata.num_actual_tokens
-        if query.is_cuda:  # Triton or flash-attn path, see swaa_vllm.cuda_path
-            from swaa_vllm.cuda_path import cuda_kv_views, forward_cuda
+        if query.is_cuda:  # Triton or flash-attn path, see swaa_vllm.platforms.cuda_path
+            from swaa_vllm.platforms.cuda_path import cuda_kv_views, forward_cuda
 
             shape = (n, self.num_heads, self.head_size)
             forward_cuda(query[:n].view(shape), *cuda_kv_views(kv_cache), attn_metadata,

@@ -48,7 +48,7 @@ there, so a vLLM upgrade that makes a shim unnecessary (or breaks it) fails CI.
    (``ray_device_key``), so ``--distributed-executor-backend ray`` stops with
    "current platform cpu does not support ray". When SWAA is selected with the Ray
    backend on CPU, shim 3 swaps ``"ray"`` for
-   :class:`swaa_vllm.ray_support.SwaaCpuRayExecutor`, vLLM's own (V2) Ray executor
+   :class:`swaa_vllm.platforms.ray_executor.SwaaCpuRayExecutor`, vLLM's own (V2) Ray executor
    with the CPU resource named (explained in that module). ``use_ray`` stays true.
 """
 
@@ -126,7 +126,7 @@ def _patch_cpu_platform() -> None:
         original_check(cls, vllm_config)
         _after_platform_config(vllm_config, cpu_worker=CPU_WORKER)
         if is_swaa_selected(vllm_config) and vllm_config.parallel_config.distributed_executor_backend == "ray":
-            from swaa_vllm.ray_support import cpu_ray_executor  # shim 6
+            from swaa_vllm.platforms.ray_executor import cpu_ray_executor  # shim 6
 
             vllm_config.parallel_config.distributed_executor_backend = cpu_ray_executor()
 
@@ -227,7 +227,7 @@ def _check_model_supported(vllm_config) -> None:
     from vllm.platforms import current_platform
 
     if current_platform.is_cpu():
-        from swaa_vllm.cpu_attention_op import cpu_attention_isa
+        from swaa_vllm.platforms.cpu_attention_op import cpu_attention_isa
 
         try:  # what vLLM's CPU attention op (used by the CPU path) can serve
             cpu_attention_isa(vllm_config.cache_config.block_size or 128, model_config.get_head_size())

@@ -14,6 +14,6 @@ import pytest
 
 @pytest.fixture(scope="session")
 def model_dir() -> Path:
-    from swaa_vllm.model_prep import prepare_model
+    from swaa_vllm.models.bundled import prepare_model
 
     return prepare_model()

@@ -12,15 +12,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from swaa_vllm import accuracy_report
-from swaa_vllm.longctx_tasks import (
+from swaa_vllm.evaluation import report
+from swaa_vllm.evaluation.scoring import extract_numbers, score
+from swaa_vllm.evaluation.tasks import (
     TASKS,
     TaskSpec,
     depths,
-    extract_numbers,
     make_sample,
     make_samples,
-    score,
 )
 
 REPO = Path(__file__).resolve().parent.parent
@@ -89,20 +88,20 @@ def test_score_property(value, other, before, after):
 
 def test_wilson_interval_known_values():
     # Reference values from the closed form (e.g. Brown, Cai, DasGupta 2001, Table 5 style checks).
-    low, high = accuracy_report.wilson_interval(0, 20)
+    low, high = report.wilson_interval(0, 20)
     assert low == 0.0 and high == pytest.approx(0.1611, abs=1e-4)
-    low, high = accuracy_report.wilson_interval(10, 20)
+    low, high = report.wilson_interval(10, 20)
     assert (low, high) == (pytest.approx(0.2993, abs=1e-4), pytest.approx(0.7007, abs=1e-4))
-    low, high = accuracy_report.wilson_interval(20, 20)
+    low, high = report.wilson_interval(20, 20)
     assert low == pytest.approx(0.8389, abs=1e-4) and high == 1.0
     with pytest.raises(ValueError):
-        accuracy_report.wilson_interval(3, 2)
+        report.wilson_interval(3, 2)
 
 
 @given(n=st.integers(1, 500), data=st.data())
 def test_wilson_interval_contains_estimate(n, data):
     k = data.draw(st.integers(0, n))
-    low, high = accuracy_report.wilson_interval(k, n)
+    low, high = report.wilson_interval(k, n)
     assert 0.0 <= low <= k / n <= high <= 1.0
 
 
@@ -228,7 +227,7 @@ def _fake_results():
 
 
 def test_report_files(tmp_path):
-    paths = accuracy_report.write_all(_fake_results(), tmp_path)
+    paths = report.write_all(_fake_results(), tmp_path)
     md = (tmp_path / "accuracy.md").read_text()
     assert "| full attention | - | **100.0% [51.0, 100.0] (4/4)** |" in md
     assert "| SWA only | W=8" not in md and "| SWA only | 25.0% [" in md  # sweep row

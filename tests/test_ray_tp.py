@@ -11,7 +11,7 @@ long, so the mask matters. Checked:
 * the SWAA backend ran on each Ray worker: ``collective_rpc("swaa_attention_report")``
   answers from two Ray actors (ranks 0 and 1), each running the SWAA worker with half
   of the heads, every layer a ``SwaaAttentionImpl`` that applied its planned mask;
-* shim 6 (``swaa_vllm.ray_support``) is still needed and is scoped: vLLM's CPU
+* shim 6 (``swaa_vllm.platforms.ray_executor``) is still needed and is scoped: vLLM's CPU
   platform still names no Ray resource, the config hook swaps ``"ray"`` only for the
   swaa backend, and the legacy Ray executor is refused with a message.
 """
@@ -139,7 +139,7 @@ def _executor_backend(tiny_llama, **kwargs):
 
 def test_config_hook_swaps_ray_only_for_swaa(tiny_llama, monkeypatch):
     import swaa_vllm
-    from swaa_vllm.ray_support import SwaaCpuRayExecutor
+    from swaa_vllm.platforms.ray_executor import SwaaCpuRayExecutor
 
     swaa_vllm.register()
     swaa = _executor_backend(tiny_llama, attention_backend="swaa", hf_overrides={"swaa_config": SWAA_CONFIG})

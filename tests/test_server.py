@@ -3,7 +3,7 @@
 Started on a free loopback port with the bundled model; checks ``/v1/models``,
 completions, chat, streaming, the per-layer plan in the log, and that a malformed
 ``swaa_config`` stops startup with a message naming the field. The server also serves a
-LoRA adapter (``--enable-lora --lora-modules``, as for an adapter of ``swaa_vllm.finetune``):
+LoRA adapter (``--enable-lora --lora-modules``, as for an adapter of ``swaa_vllm.finetuning.train``):
 a random-weight peft adapter of the bundled model, which must change the output.
 """
 

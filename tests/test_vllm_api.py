@@ -29,16 +29,16 @@ REPO = Path(__file__).resolve().parent.parent
 SCANNED = ("swaa_vllm", "kernels")
 
 # vLLM imports that need not exist in the CUDA release, by file. Decided by reading each file:
-# * swaa_vllm/ray_support.py runs only on CPU: shim 6 selects its executor from the CPU platform's
+# * swaa_vllm/platforms/ray_executor.py runs only on CPU: shim 6 selects its executor from the CPU platform's
 #   config hook (on CUDA vLLM's own Ray executor is used unchanged). Its `vllm.envs` and
 #   `vllm.platforms.cpu` imports are in the manifest anyway (other files need them).
-# Not here, because the GPU path needs them too: swaa_vllm/cpu_attention_op.py's `vllm._custom_ops` and
+# Not here, because the GPU path needs them too: swaa_vllm/platforms/cpu_attention_op.py's `vllm._custom_ops` and
 # `vllm.envs` (swaa_vllm/backend.py imports that module at import time on every platform; its vllm._C
 # ops themselves run only on CPU and are not imports), and the public `vllm.LLM`, `SamplingParams`,
-# `TokensPrompt` of swaa_vllm/ray_batch.py (GPU replicas) and distill.py. model_prep.py, finetune.py,
-# accuracy_report.py, longctx_tasks.py and training_attention.py import nothing from vLLM.
+# `TokensPrompt` of swaa_vllm/batch/ray_data.py (GPU replicas) and finetuning/distill.py. models/bundled.py, finetuning/train.py,
+# evaluation/report.py, evaluation/tasks.py and finetuning/training_attention.py import nothing from vLLM.
 CPU_ONLY: dict[str, set[tuple[str, str | None]]] = {
-    "swaa_vllm/ray_support.py": {
+    "swaa_vllm/platforms/ray_executor.py": {
         ("vllm.v1.executor", "ray_executor_v2"),
         ("vllm.v1.executor.ray_executor_v2", "RayExecutorV2"),
         ("vllm.v1.executor.ray_executor_v2", "RayWorkerProc"),

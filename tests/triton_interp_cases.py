@@ -167,7 +167,7 @@ def test_tile_visits(spec):
 
 def test_head_major_cache_views():
     """The kernel reads vLLM's head-major (LBHNC) cache through the backend's CUDA views."""
-    from swaa_vllm.cuda_path import cuda_kv_views
+    from swaa_vllm.platforms.cuda_path import cuda_kv_views
 
     batch = make_batch(BATCH[:4], 4, 2, 32, 8, seed=7)
     token_major = torch.cat([batch.key_cache, batch.value_cache], dim=-1)  # [nb, bs, Hkv, 2D]

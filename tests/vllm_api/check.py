@@ -1,6 +1,6 @@
 """Check, by parsing vLLM's python sources (never importing them), that the vLLM interfaces swaa-vllm uses exist.
 
-Why: the plugin's CUDA path (``swaa_vllm/cuda_path.py``, ``kernels/flash_attn_path.py``)
+Why: the plugin's CUDA path (``swaa_vllm/platforms/cuda_path.py``, ``kernels/flash_attn_path.py``)
 and its model-runner hooks (``swaa_vllm/worker.py``, ``swaa_vllm/prompt_lengths.py``)
 run on the official CUDA build of vLLM, which cannot be imported on the CPU machines
 this project is developed and tested on. Every vLLM module, class, function, method

@@ -4,13 +4,13 @@ Derived by reading the files that run under ``vllm serve --attention-backend swa
 on a GPU: ``swaa_vllm/__init__.py`` (plugin entry point), ``swaa_vllm/vllm_shims.py``
 (shims 1, 4 and 5, and shim 2/3's patching of ``CpuPlatform``, which ``install()``
 does in every process), ``swaa_vllm/config.py`` (no vLLM import), ``swaa_vllm/backend.py``,
-``swaa_vllm/cuda_path.py``, ``swaa_vllm/worker.py``, ``swaa_vllm/prompt_lengths.py``,
+``swaa_vllm/platforms/cuda_path.py``, ``swaa_vllm/worker.py``, ``swaa_vllm/prompt_lengths.py``,
 ``kernels/flash_attn_path.py`` and ``kernels/triton_swaa.py`` (no vLLM import), plus
-the module imports ``swaa_vllm/cpu_attention_op.py`` does at import time (``backend.py``
+the module imports ``swaa_vllm/platforms/cpu_attention_op.py`` does at import time (``backend.py``
 imports it on every platform) and the public API of the Ray Data pipeline
-(``swaa_vllm/ray_batch.py``, which also runs on GPU replicas). CPU-only uses are not
+(``swaa_vllm/batch/ray_data.py``, which also runs on GPU replicas). CPU-only uses are not
 listed: ``cpu_attention_op``'s ``vllm._C`` ops, the CPU selector's calls, and the Ray
-executor of ``swaa_vllm/ray_support.py`` (``tests/test_vllm_api.py`` keeps their
+executor of ``swaa_vllm/platforms/ray_executor.py`` (``tests/test_vllm_api.py`` keeps their
 imports in an explicit allow-list).
 
 :mod:`tests.vllm_api.check` resolves every record by parsing vLLM's sources
@@ -188,7 +188,7 @@ EXPECTATIONS: tuple[Expect, ...] = (
     attribute("vllm.config", "VllmConfig.parallel_config", used_by="swaa_vllm/vllm_shims.py: worker_cls"),
     attribute("vllm.config", "VllmConfig.model_config", used_by="swaa_vllm/vllm_shims.py, backend.py: hf_config"),
     attribute("vllm.config", "VllmConfig.cache_config", used_by="swaa_vllm/vllm_shims.py: kv-cache dtype check"),
-    attribute("vllm.config", "VllmConfig.scheduler_config", used_by="swaa_vllm/cuda_path.py: max_num_seqs"),
+    attribute("vllm.config", "VllmConfig.scheduler_config", used_by="swaa_vllm/platforms/cuda_path.py: max_num_seqs"),
     attribute("vllm.config", "VllmConfig.compilation_config",
               used_by="swaa_vllm/worker.py: static_forward_context for the attention report"),
     attribute("vllm.config.parallel", "ParallelConfig.worker_cls",
@@ -199,10 +199,10 @@ EXPECTATIONS: tuple[Expect, ...] = (
     method("vllm.config.model", "ModelConfig.get_sliding_window",
            used_by="swaa_vllm/vllm_shims.py: refuses models with their own window"),
     attribute("vllm.config.model", "ModelConfig.max_model_len", used_by="swaa_vllm/vllm_shims.py: window warning"),
-    attribute("vllm.config.model", "ModelConfig.dtype", used_by="swaa_vllm/cuda_path.py: flash-attn needs fp16/bf16"),
+    attribute("vllm.config.model", "ModelConfig.dtype", used_by="swaa_vllm/platforms/cuda_path.py: flash-attn needs fp16/bf16"),
     attribute("vllm.config.cache", "CacheConfig.cache_dtype", used_by="swaa_vllm/vllm_shims.py: refuses fp8 KV"),
     attribute("vllm.config.scheduler", "SchedulerConfig.max_num_seqs",
-              used_by="swaa_vllm/cuda_path.py: size of the persistent prompt-length buffer"),
+              used_by="swaa_vllm/platforms/cuda_path.py: size of the persistent prompt-length buffer"),
     attribute("vllm.config.compilation", "CompilationConfig.static_forward_context",
               used_by="swaa_vllm/worker.py: swaa_attention_report walks the attention layers"),
     # -- the backend (swaa_vllm/backend.py) -----------------------------------------------------------------------
@@ -260,20 +260,20 @@ EXPECTATIONS: tuple[Expect, ...] = (
            used_by="swaa_vllm/backend.py: SwaaMetadataBuilder.__init__ calls super() with these"),
     method(_BACKEND, "AttentionMetadataBuilder.build", ("common_prefix_len", "common_attn_metadata", "fast_build"),
            used_by="swaa_vllm/backend.py: SwaaMetadataBuilder.build overrides it"),
-    attribute(_BACKEND, "AttentionMetadataBuilder.kv_cache_spec", used_by="swaa_vllm/cuda_path.py: head_size"),
-    attribute(_BACKEND, "AttentionMetadataBuilder.vllm_config", used_by="swaa_vllm/cuda_path.py: dtype, max_num_seqs"),
-    attribute(_BACKEND, "AttentionMetadataBuilder.device", used_by="swaa_vllm/backend.py, cuda_path.py: CUDA dispatch"),
+    attribute(_BACKEND, "AttentionMetadataBuilder.kv_cache_spec", used_by="swaa_vllm/platforms/cuda_path.py: head_size"),
+    attribute(_BACKEND, "AttentionMetadataBuilder.vllm_config", used_by="swaa_vllm/platforms/cuda_path.py: dtype, max_num_seqs"),
+    attribute(_BACKEND, "AttentionMetadataBuilder.device", used_by="swaa_vllm/backend.py, platforms/cuda_path.py: CUDA dispatch"),
     cls(_BACKEND, "CommonAttentionMetadata", used_by="swaa_vllm/backend.py: build's input"),
     *(
         attribute(_BACKEND, f"CommonAttentionMetadata.{name}", used_by=f"swaa_vllm/{user}: reads {name}")
         for name, user in (
-            ("num_reqs", "backend.py, cuda_path.py, prompt_lengths.py"),
-            ("num_actual_tokens", "backend.py, cuda_path.py"),
-            ("query_start_loc", "backend.py, cuda_path.py"),
-            ("query_start_loc_cpu", "cuda_path.py (flash-attn row split)"),
-            ("seq_lens", "backend.py, cuda_path.py"),
-            ("block_table_tensor", "backend.py, cuda_path.py"),
-            ("max_query_len", "cuda_path.py (kernel choice)"),
+            ("num_reqs", "backend.py, platforms/cuda_path.py, prompt_lengths.py"),
+            ("num_actual_tokens", "backend.py, platforms/cuda_path.py"),
+            ("query_start_loc", "backend.py, platforms/cuda_path.py"),
+            ("query_start_loc_cpu", "platforms/cuda_path.py (flash-attn row split)"),
+            ("seq_lens", "backend.py, platforms/cuda_path.py"),
+            ("block_table_tensor", "backend.py, platforms/cuda_path.py"),
+            ("max_query_len", "platforms/cuda_path.py (kernel choice)"),
             ("req_idx", "prompt_lengths.py (V2 row -> request-table entry)"),
         )
     ),
@@ -312,19 +312,19 @@ EXPECTATIONS: tuple[Expect, ...] = (
     module("vllm.v1.kv_cache_interface", used_by="swaa_vllm/backend.py: AttentionSpec"),
     cls("vllm.v1.kv_cache_interface", "AttentionSpec", used_by="swaa_vllm/backend.py: builder annotation"),
     attribute("vllm.v1.kv_cache_interface", "AttentionSpec.head_size",
-              used_by="swaa_vllm/cuda_path.py: flash-attn head-size check"),
+              used_by="swaa_vllm/platforms/cuda_path.py: flash-attn head-size check"),
     module("vllm.v1.kv_cache_layout", used_by="swaa_vllm/backend.py: KVCacheLayout"),
     cls("vllm.v1.kv_cache_layout", "KVCacheLayout", used_by="swaa_vllm/backend.py: supported_kv_cache_layouts"),
     member("vllm.v1.kv_cache_layout", "KVCacheLayout.LBNHC",
            used_by="swaa_vllm/backend.py: token-major pages on CUDA (cuda_kv_views)"),
     member("vllm.v1.kv_cache_layout", "KVCacheLayout.LBHNC", used_by="swaa_vllm/backend.py: CPU layout"),
-    # backend.py imports swaa_vllm/cpu_attention_op.py on every platform, which imports these at import time.
-    module("vllm._custom_ops", used_by="swaa_vllm/cpu_attention_op.py: imported at import time (backend.py)"),
-    module("vllm.envs", used_by="swaa_vllm/cpu_attention_op.py: imported at import time (backend.py)"),
-    # -- the CUDA path (swaa_vllm/cuda_path.py, kernels/flash_attn_path.py) -------------------------------------
-    module("vllm.vllm_flash_attn", used_by="swaa_vllm/cuda_path.py: flash_attn_available()"),
+    # backend.py imports swaa_vllm/platforms/cpu_attention_op.py on every platform, which imports these at import time.
+    module("vllm._custom_ops", used_by="swaa_vllm/platforms/cpu_attention_op.py: imported at import time (backend.py)"),
+    module("vllm.envs", used_by="swaa_vllm/platforms/cpu_attention_op.py: imported at import time (backend.py)"),
+    # -- the CUDA path (swaa_vllm/platforms/cuda_path.py, kernels/flash_attn_path.py) -------------------------------------
+    module("vllm.vllm_flash_attn", used_by="swaa_vllm/platforms/cuda_path.py: flash_attn_available()"),
     function("vllm.vllm_flash_attn", "flash_attn_varlen_func",
-             used_by="swaa_vllm/cuda_path.py: flash_attn_available()"),
+             used_by="swaa_vllm/platforms/cuda_path.py: flash_attn_available()"),
     module(_FA_UTILS, used_by="kernels/flash_attn_path.py: vLLM's flash-attn entry points"),
     function(_FA_UTILS, "flash_attn_varlen_func",
              ("q", "k", "v", "cu_seqlens_q", "max_seqlen_q", "seqused_k", "max_seqlen_k", "softmax_scale", "causal",
@@ -395,8 +395,8 @@ EXPECTATIONS: tuple[Expect, ...] = (
     cls("vllm.v1.worker.utils", "AttentionGroup", used_by="swaa_vllm/prompt_lengths.py: runner.attn_groups entries"),
     attribute("vllm.v1.worker.utils", "AttentionGroup.metadata_builders",
               used_by="swaa_vllm/prompt_lengths.py: the SWAA builders to bind"),
-    # -- the Ray Data pipeline's engine (swaa_vllm/ray_batch.py, also on GPU replicas; distill.py too) -------
-    cls("vllm", "LLM", used_by="swaa_vllm/ray_batch.py, distill.py: one engine per replica"),
-    cls("vllm", "SamplingParams", used_by="swaa_vllm/ray_batch.py, distill.py: sampling options"),
-    cls("vllm", "TokensPrompt", used_by="swaa_vllm/distill.py: token-id prompts"),
+    # -- the Ray Data pipeline's engine (swaa_vllm/batch/ray_data.py, also on GPU replicas; finetuning/distill.py too) -------
+    cls("vllm", "LLM", used_by="swaa_vllm/batch/ray_data.py, finetuning/distill.py: one engine per replica"),
+    cls("vllm", "SamplingParams", used_by="swaa_vllm/batch/ray_data.py, finetuning/distill.py: sampling options"),
+    cls("vllm", "TokensPrompt", used_by="swaa_vllm/finetuning/distill.py: token-id prompts"),
 )

@@ -2,13 +2,15 @@
 
 Recipe (Yu et al., arXiv 2512.10411, SWA-aware fine-tuning): LoRA on the attention projections q/k/v,
 rank 16, alpha 32, rank-stabilised scaling (rsLoRA), dropout 0.1, learning rate 1e-4, one epoch over
-self-distilled data (:mod:`swaa_vllm.distill`). Each training sequence is ``prompt + answer`` in one
+self-distilled data (:mod:`swaa_vllm.finetuning.distill`). Each training sequence is ``prompt + answer`` in one
 forward; the loss is the cross-entropy of the answer tokens only. Attention follows the ``swaa_config``
-plan layer by layer (:mod:`swaa_vllm.training_attention`): prompt positions use sinks + window in sliding
+plan layer by layer (:mod:`swaa_vllm.finetuning.training_attention`): prompt positions use sinks + window in sliding
 layers, answer positions use full attention in FA-decode layers, exactly as the ``swaa`` backend serves.
 
-    python -m swaa_vllm.finetune --data adapters/distill.jsonl --output adapters/recipe_w128 \\
+    python -m swaa_vllm.finetuning.train --data adapters/distill.jsonl --output adapters/recipe_w128 \\
         --preset recipe --window 128
+
+The presets are the accuracy harness's rows of the same name (:mod:`swaa_vllm.evaluation.recipes`).
 
 Writes a standard peft adapter directory (``adapter_config.json``, ``adapter_model.safetensors``) plus
 ``swaa_training.json`` (the ``swaa_config`` to serve it with, hyperparameters, data, timing) and
@@ -37,12 +39,10 @@ from pathlib import Path
 
 import torch
 
-from .config import SwaaConfigError, build_plan
+from swaa_vllm.config import SwaaConfigError, build_plan
+from swaa_vllm.evaluation.recipes import PRESETS, preset_config
 
-__all__ = ["LoraHyperparameters", "PRESETS", "main", "preset_config", "train"]
-
-PRESETS = ("recipe", "swa_only")
-RECIPE_KEEP_FIRST = 16
+__all__ = ["LoraHyperparameters", "main", "train"]
 
 
 @dataclass(frozen=True)
@@ -72,21 +72,6 @@ class LoraHyperparameters:
     warmup_fraction: float = 0.05
     max_grad_norm: float = 1.0
     seed: int = 0
-
-
-def preset_config(preset: str, window: int, num_layers: int, keep_first: int = RECIPE_KEEP_FIRST) -> dict:
-    """A ``swaa_config`` by name: ``recipe`` (W, k sinks, FA decode, odd layers full: the harness's recipe
-    row) or ``swa_only`` (W alone).
-
-    Raises:
-        ValueError: unknown preset.
-    """
-    if preset == "swa_only":
-        return {"sliding_window_size": window}
-    if preset == "recipe":
-        return {"sliding_window_size": window, "keep_first": keep_first, "force_fa_decode": True,
-                "non_sliding_layers": list(range(1, num_layers, 2))}
-    raise ValueError(f"unknown preset {preset!r}; choose one of {PRESETS} or pass --swaa-config")
 
 
 def _lr_factor(step: int, total: int, warmup: int) -> float:
@@ -119,7 +104,7 @@ def train(model_dir: Path, swaa_config: dict, rows: list[dict], output: Path,
     from tqdm import tqdm
     from transformers import AutoModelForCausalLM
 
-    from . import training_attention
+    from swaa_vllm.finetuning import training_attention
 
     if not rows:
         raise ValueError("no training rows")
@@ -192,15 +177,15 @@ def train(model_dir: Path, swaa_config: dict, rows: list[dict], output: Path,
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    """The CLI's arguments (see ``python -m swaa_vllm.finetune --help``)."""
-    p = argparse.ArgumentParser(prog="python -m swaa_vllm.finetune", description=__doc__.split("\n\n")[0],
+    """The CLI's arguments (see ``python -m swaa_vllm.finetuning.train --help``)."""
+    p = argparse.ArgumentParser(prog="python -m swaa_vllm.finetuning.train", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data", type=Path, default=Path("adapters/distill.jsonl"),
-                   help="self-distilled JSONL from python -m swaa_vllm.distill")
+                   help="self-distilled JSONL from python -m swaa_vllm.finetuning.distill")
     p.add_argument("--output", type=Path, required=True, help="adapter directory to write")
     p.add_argument("--model", type=Path, default=None, help="HF model directory (default: the bundled model)")
     group = p.add_mutually_exclusive_group()
-    group.add_argument("--preset", choices=PRESETS, default="recipe",
+    group.add_argument("--preset", choices=tuple(PRESETS), default="recipe",
                        help="recipe: W, 16 sinks, FA decode, odd layers full; swa_only: W alone")
     group.add_argument("--swaa-config", type=str, default=None, help="a swaa_config JSON object instead of a preset")
     p.add_argument("--window", type=int, default=128, help="W for --preset")
@@ -225,12 +210,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    """CLI entry point (``python -m swaa_vllm.finetune``, ``swaa-vllm-finetune``, ``make finetune``)."""
+    """CLI entry point (``python -m swaa_vllm.finetuning.train``, ``swaa-vllm-finetune``, ``make finetune``)."""
     args = parse_args(argv)
     from transformers import AutoConfig
 
-    from .distill import read_jsonl
-    from .model_prep import prepare_model
+    from swaa_vllm.finetuning.distill import read_jsonl
+    from swaa_vllm.models.bundled import prepare_model
 
     model_dir = args.model or prepare_model()
     num_layers = AutoConfig.from_pretrained(model_dir).num_hidden_layers
@@ -246,7 +231,7 @@ def main(argv: list[str] | None = None) -> dict:
     except SwaaConfigError as err:
         sys.exit(str(err))
     if not args.data.exists():
-        sys.exit(f"--data {args.data} does not exist; make it with: python -m swaa_vllm.distill --output {args.data}")
+        sys.exit(f"--data {args.data} does not exist; make it with: python -m swaa_vllm.finetuning.distill --output {args.data}")
     try:
         rows = read_jsonl(args.data)
     except ValueError as err:

@@ -3,14 +3,14 @@
 As in the SWAA paper (Yu et al., arXiv 2512.10411, "SWA-aware fine-tuning"), the training targets are the
 model's own answers under full attention, kept only where they are right, so that the adapter learns to
 reproduce full-attention behaviour under the SWAA masks rather than new knowledge. The prompts come from
-:data:`swaa_vllm.longctx_tasks.TRAINING_TASKS` (words, codes and places in their own filler text), never
+:data:`swaa_vllm.evaluation.tasks.TRAINING_TASKS` (words, codes and places in their own filler text), never
 from the families the accuracy harness scores.
 
 The teacher is vLLM with the ``swaa`` backend and no ``swaa_config`` (plain causal attention, equal to
 vLLM's CPU_ATTN per ``tests/test_e2e_offline.py``), float32, greedy, one ``LLM.generate`` batch. Answers
 run until the model's end-of-turn token; an answer that does not end there or is wrong is dropped.
 
-    python -m swaa_vllm.distill --output adapters/distill.jsonl --per-task 80
+    python -m swaa_vllm.finetuning.distill --output adapters/distill.jsonl --per-task 80
 
 Output: one JSON object per line, ``{"task", "seed", "depth", "answers", "prompt_ids", "answer_ids",
 "answer_text"}``; ``answer_ids`` ends with the end-of-turn token.
@@ -26,7 +26,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from .longctx_tasks import TRAINING_TASKS, Sample, TaskSpec, make_sample, score
+from swaa_vllm.evaluation.scoring import score
+from swaa_vllm.evaluation.tasks import TRAINING_TASKS, Sample, TaskSpec, make_sample
 
 __all__ = ["CONTEXT_LENGTHS", "build_samples", "distill", "main", "read_jsonl"]
 
@@ -123,10 +124,10 @@ def read_jsonl(path: Path) -> list[dict]:
                 value = row.get(field) if isinstance(row, dict) else None
                 if not isinstance(value, list) or not value or not all(isinstance(t, int) for t in value):
                     raise ValueError(f"{path}:{number}: field {field!r} must be a non-empty list of token ids; "
-                                     f"regenerate the file with python -m swaa_vllm.distill")
+                                     f"regenerate the file with python -m swaa_vllm.finetuning.distill")
             rows.append(row)
     if not rows:
-        raise ValueError(f"{path} has no rows; regenerate it with python -m swaa_vllm.distill")
+        raise ValueError(f"{path} has no rows; regenerate it with python -m swaa_vllm.finetuning.distill")
     return rows
 
 
@@ -143,7 +144,7 @@ def main(argv: list[str] | None = None) -> Path:
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
     from transformers import AutoTokenizer
 
-    from .model_prep import prepare_model
+    from swaa_vllm.models.bundled import prepare_model
 
     model_dir = args.model or prepare_model()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)

@@ -1,6 +1,6 @@
 """Offline batch generation with the ``swaa`` backend on Ray Data.
 
-    python -m swaa_vllm.ray_batch --input prompts.jsonl --output out/ --model DIR --replicas 2 \\
+    python -m swaa_vllm.batch.ray_data --input prompts.jsonl --output out/ --model DIR --replicas 2 \\
         --swaa-config '{"sliding_window_size": 512, "keep_first": 64, "force_fa_decode": true}'
 
 Reads prompts from JSONL (one JSON object per line) or Parquet, each row with an ``id`` and a
@@ -340,7 +340,7 @@ def _json_object(flag: str):
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m swaa_vllm.ray_batch",
+        prog="python -m swaa_vllm.batch.ray_data",
         description="Offline batch generation with the swaa attention backend on Ray Data.",
     )
     p.add_argument("--input", required=True, help=".jsonl or .parquet file; rows {\"id\": ..., \"prompt\": \"...\"}")

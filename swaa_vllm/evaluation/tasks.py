@@ -1,4 +1,4 @@
-"""Synthetic long-context retrieval tasks and their scoring (offline, deterministic by seed).
+"""Synthetic long-context retrieval tasks (offline, deterministic by seed); scored by :mod:`swaa_vllm.evaluation.scoring`.
 
 The tasks follow passkey retrieval and RULER's needle-in-a-haystack family (Hsieh et al., "RULER: What's
 the real context size of your long-context language models?", arXiv 2404.06654):
@@ -13,23 +13,21 @@ with the assistant header, so the model words its own answer; optionally (``answ
 assistant turn starts with the answer's beginning ("The pass key is"), as RULER does. The haystack is made of short bland sentences drawn with the sample's own seed, padded
 until the templated prompt reaches ``context_tokens``; the needle goes at a chosen relative depth.
 
-Scoring is exact match of the retrieved value: the first number in the output for single-value tasks,
-every expected number present for ``niah_multivalue``.
-
-Separate families, :data:`TRAINING_TASKS`, feed SWA-aware fine-tuning (``swaa_vllm.distill``) and are never
+Separate families, :data:`TRAINING_TASKS`, feed SWA-aware fine-tuning (``swaa_vllm.finetuning.distill``) and are never
 scored by the accuracy harness, so that the harness measures generalisation: they hide words, codes and
 places instead of numbers, in a different filler text:
 
 * ``word_lookup``: "The secret color of <key> is <color>." among other keys' colors.
 * ``code_lookup``: "The access code of the <key> vault is <XY-1234>." among other vaults.
-* ``person_city``: "<Name> moved to <City> last year." among other people. Nothing here imports vLLM; a tokenizer with
-``encode`` and ``apply_chat_template`` (transformers) is all that generation needs.
+* ``person_city``: "<Name> moved to <City> last year." among other people.
+
+Nothing here imports vLLM; a tokenizer with ``encode`` and ``apply_chat_template`` (transformers) is all
+that generation needs.
 """
 
 from __future__ import annotations
 
 import random
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -68,11 +66,12 @@ TRAINING_FILLER_SENTENCES = (
     "The library closes early on Sundays.",
     "A boat rests in the harbor.",
 )
-_COLORS = ("red", "orange", "yellow", "green", "blue", "purple", "violet", "brown", "black", "white", "gray",
+# The training families' values (also the vocabulary of their scoring, swaa_vllm/evaluation/scoring.py).
+COLORS = ("red", "orange", "yellow", "green", "blue", "purple", "violet", "brown", "black", "white", "gray",
            "pink", "gold", "teal", "crimson", "indigo")
 _PEOPLE = ("Alice", "Bruno", "Clara", "Daniel", "Elena", "Felix", "Grace", "Hugo", "Irene", "Jonas", "Karla", "Liam",
            "Maria", "Nora", "Oscar", "Paula", "Quentin", "Rosa", "Simon", "Tara", "Victor", "Wanda", "Yusuf", "Zoe")
-_CITIES = ("Lisbon", "Oslo", "Vienna", "Dublin", "Prague", "Madrid", "Berlin", "Warsaw", "Athens", "Helsinki", "Lyon",
+CITIES = ("Lisbon", "Oslo", "Vienna", "Dublin", "Prague", "Madrid", "Berlin", "Warsaw", "Athens", "Helsinki", "Lyon",
            "Porto", "Zurich", "Geneva", "Munich", "Naples", "Seville", "Krakow", "Bergen", "Tallinn")
 
 _ADJECTIVES = (
@@ -190,7 +189,7 @@ def _training_parts(spec: TaskSpec, rng: random.Random) -> tuple[str, list[str],
              "I will ask you about one of them afterwards.")
     n = spec.num_keys
     if spec.task == "word_lookup":
-        keys, values = _distinct_keys(rng, n), rng.sample(_COLORS, n)
+        keys, values = _distinct_keys(rng, n), rng.sample(COLORS, n)
         needles = [f"The secret color of the {k} is {v}." for k, v in zip(keys, values)]
         return (intro, needles, f"What is the secret color of the {keys[0]}?",
                 f"The secret color of the {keys[0]} is", (values[0],))
@@ -200,7 +199,7 @@ def _training_parts(spec: TaskSpec, rng: random.Random) -> tuple[str, list[str],
         needles = [f"The access code of the {k} vault is {v}." for k, v in zip(keys, values)]
         return (intro, needles, f"What is the access code of the {keys[0]} vault?",
                 f"The access code of the {keys[0]} vault is", (values[0],))
-    people, cities = rng.sample(_PEOPLE, n), rng.sample(_CITIES, n)
+    people, cities = rng.sample(_PEOPLE, n), rng.sample(CITIES, n)
     needles = [f"{p} moved to {c} last year." for p, c in zip(people, cities)]
     return (intro, needles, f"Which city did {people[0]} move to last year?", f"{people[0]} moved to", (cities[0],))
 
@@ -344,49 +343,3 @@ def make_samples(tokenizer, specs: Sequence[TaskSpec], per_task: int, seed: int 
         for i, depth in enumerate(depths(per_task, *depth_range)):
             out.append(make_sample(tokenizer, spec, seed * 1000 + i, depth))
     return out
-
-
-# Numbers in text: digit runs, with thousands separators folded ("1,234,567" -> "1234567").
-_NUMBER = re.compile(r"\d{1,3}(?:,\d{3})+(?!\d)|\d+")
-
-
-def extract_numbers(text: str) -> list[str]:
-    """All numbers in ``text`` in order of appearance, as digit strings (thousands commas removed)."""
-    return [m.group(0).replace(",", "") for m in _NUMBER.finditer(text)]
-
-
-def score(task: str, output: str, answers: Sequence[str]) -> bool:
-    """Exact match of the retrieved value(s).
-
-    Single-value tasks: the first number in ``output`` equals ``answers[0]`` (a number embedded in a
-    sentence counts; a wrong number first, or none, does not). ``niah_multivalue``: every expected number
-    appears among the numbers of ``output`` (order free; extra numbers allowed, as RULER's all-match).
-    :data:`TRAINING_TASKS`: the expected word/code/city appears in ``output`` as a whole word
-    (case-insensitive) and no other value of the same kind comes before it.
-
-    Raises:
-        ValueError: unknown ``task`` or empty ``answers``.
-    """
-    if task not in TASKS + TRAINING_TASKS:
-        raise ValueError(f"unknown task {task!r}")
-    if not answers:
-        raise ValueError("answers must not be empty")
-    if task in TRAINING_TASKS:
-        return _first_value(task, output) == answers[0].lower()
-    found = extract_numbers(output)
-    if task == "niah_multivalue":
-        return set(answers) <= set(found)
-    return bool(found) and found[0] == answers[0]
-
-
-_VALUE_PATTERNS = {
-    "word_lookup": re.compile(r"\b(" + "|".join(_COLORS) + r")\b", re.IGNORECASE),
-    "code_lookup": re.compile(r"\b[A-Z]{2}-\d{1,4}\b", re.IGNORECASE),
-    "person_city": re.compile(r"\b(" + "|".join(_CITIES) + r")\b", re.IGNORECASE),
-}
-
-
-def _first_value(task: str, output: str) -> str | None:
-    """The first color / code / city named in ``output`` (lower case), or None."""
-    match = _VALUE_PATTERNS[task].search(output)
-    return match.group(0).lower() if match else None
