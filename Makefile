@@ -1,6 +1,7 @@
 # swaa-vllm: the two commands of the README.
 #   make serve   install everything into .venv, prepare the bundled model, serve it with --attention-backend swaa
-#   make test    install everything into .venv, run the test suite
+#   make test    install everything into .venv, lint (ruff, seconds), run the test suite
+#   make lint    ruff check: pyflakes, pycodestyle, import order, bugbear, pyupgrade (pyproject.toml [tool.ruff])
 #   make sweep   the longer scheduler-situation matrix (on demand)
 #   make eval    the SWAA accuracy ablation on the bundled model -> benchmarks/results/accuracy.{md,json,png}
 #   make finetune  SWA-aware LoRA fine-tuning of the bundled model (self-distilled data) -> adapters/recipe_w128
@@ -22,7 +23,7 @@ SWAA_CONFIG ?= {"sliding_window_size": 512, "keep_first": 64, "force_fa_decode":
 export VLLM_CPU_KVCACHE_SPACE ?= 2
 STAMP  := $(VENV)/.installed
 
-.PHONY: install serve test sweep eval bench model clean finetune eval-lora check-vllm-gpu-api
+.PHONY: install serve test lint sweep eval bench model clean finetune eval-lora check-vllm-gpu-api
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -52,7 +53,10 @@ serve: $(STAMP)
 	  --attention-backend swaa --hf-overrides '{"swaa_config": $(SWAA_CONFIG)}' \
 	  --dtype float32 --max-model-len 8192 --host $(HOST) --port $(PORT)
 
-test: $(STAMP)
+lint: $(STAMP)
+	$(PY) -m ruff check .
+
+test: lint
 	$(VENV)/bin/swaa-vllm-prepare-model
 	$(PY) -m pytest
 

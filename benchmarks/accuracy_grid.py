@@ -162,7 +162,8 @@ def check_adapter(cfg: GridConfig) -> None:
         raise ValueError(f"{adapter} was trained under swaa_config {trained}, not {cfg.swaa_config}")
 
 
-def lora_grid(num_layers: int, adapters_dir: Path, windows=LORA_WINDOWS, keep_first: int = KEEP_FIRST) -> list[GridConfig]:
+def lora_grid(num_layers: int, adapters_dir: Path, windows=LORA_WINDOWS,
+              keep_first: int = KEEP_FIRST) -> list[GridConfig]:
     """Full attention, then per window: SWA only, SWA only + LoRA, the recipe, recipe + LoRA."""
     grid = [make_config(None, num_layers)]
     for w in windows:
@@ -237,7 +238,7 @@ def run_config(model_dir: Path, cfg: GridConfig, samples, dtype: str, max_model_
         del llm
         gc.collect()
     records = []
-    for s, out in zip(samples, outs):
+    for s, out in zip(samples, outs, strict=True):
         text = out.outputs[0].text
         records.append({"task": s.task, "seed": s.seed, "depth": round(s.depth, 4), "prompt_tokens": s.num_tokens,
                         "needle_token_pos": s.needle_token_pos, "answers": list(s.answers), "output": text,

@@ -68,17 +68,19 @@ def main() -> None:
             prompt = seq if phase == "prefill" else seq - 1
             reps = args.repeats if phase == "prefill" else 20 * args.repeats
 
-            def swaa(spec, prim=vllm_op, query=query, qsl=qsl, prompt=prompt):
+            # Each closure is timed within its iteration; the defaults bind this iteration's tensors.
+            def swaa(spec, prim=vllm_op, query=query, qsl=qsl, prompt=prompt, kv_cache=kv_cache, table=table,
+                     seq=seq):
                 return lambda: paged_swaa_attention(query, kv_cache, table, qsl, seq, prompt, spec, scale,
                                                     paged_attention=prim)
 
-            def sdpa(query=query, q_len=q_len):
+            def sdpa(query=query, q_len=q_len, k=k, v=v):
                 # Prefill: causal over n; decode: one query over all n keys (no mask needed).
                 F.scaled_dot_product_attention(query.transpose(0, 1)[None], k.transpose(0, 1)[None],
                                                v.transpose(0, 1)[None], is_causal=q_len > 1, scale=scale,
                                                enable_gqa=True)
 
-            def op(query=query, qsl=qsl):
+            def op(query=query, qsl=qsl, kv_cache=kv_cache, table=table, seq=seq):
                 from swaa_kernels.cpu import plan_rows
 
                 batch = plan_rows(qsl, seq, seq, table, full).causal

@@ -310,7 +310,7 @@ def plot(models: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.2), squeeze=False)
-    for ax, m in zip(axes[0], models):
+    for ax, m in zip(axes[0], models, strict=True):
         for r in m["results"]:
             lengths = sorted(int(n) for n in r["ttft_s"])
             ax.plot(lengths, [r["ttft_s"][n] for n in lengths], marker="o", label=r["config"])

@@ -14,6 +14,7 @@ import sys
 import time
 
 import torch
+
 from swaa_kernels.cpu import LayerMaskSpec
 from swaa_kernels.flash_attn_path import flash_attn_swaa_attention
 from swaa_kernels.reference import reference_attention, swaa_mask

@@ -184,7 +184,9 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tenso
     return o.view(hkv, group, t, d).permute(2, 0, 1, 3).reshape(t, h, d)
 
 
-def _band_mask(query_positions: torch.Tensor, key_positions: torch.Tensor, window: int | None, sinks: int) -> torch.Tensor:
+def _band_mask(
+    query_positions: torch.Tensor, key_positions: torch.Tensor, window: int | None, sinks: int
+) -> torch.Tensor:
     """Bool ``[T, L]``: ``j <= i`` and (no window, or ``j < sinks``, or ``j > i - window``)."""
     i = query_positions[:, None]
     j = key_positions[None, :]
@@ -259,7 +261,7 @@ def _paged_batch(
     num_reqs = seq_lens.shape[0]
     starts = query_start_loc.tolist()
     identity = len(segments) == num_reqs and all(
-        s == (r, starts[r], starts[r + 1], n) for r, (s, n) in enumerate(zip(segments, seq_lens.tolist()))
+        s == (r, starts[r], starts[r + 1], n) for r, (s, n) in enumerate(zip(segments, seq_lens.tolist(), strict=True))
     )
     if identity:
         return PagedBatch(None, query_start_loc.to(torch.int32), seq_lens.to(torch.int32), block_table, window)
@@ -304,7 +306,7 @@ def plan_rows(
     """
     starts = query_start_loc.tolist()
     causal, windowed, sink_window = [], [], []
-    for r, (kv_len, prompt_len) in enumerate(zip(seq_lens.tolist(), prompt_lens.tolist())):
+    for r, (kv_len, prompt_len) in enumerate(zip(seq_lens.tolist(), prompt_lens.tolist(), strict=True)):
         first_row, end_row = starts[r], starts[r + 1]
         q_len = end_row - first_row
         context = kv_len - q_len
@@ -371,7 +373,12 @@ def _attend_tile(
 
 
 def torch_paged_attention(
-    query: torch.Tensor, kv_cache: torch.Tensor, batch: PagedBatch, scale: float, out: torch.Tensor, query_tile: int = 128
+    query: torch.Tensor,
+    kv_cache: torch.Tensor,
+    batch: PagedBatch,
+    scale: float,
+    out: torch.Tensor,
+    query_tile: int = 128,
 ) -> None:
     """Plain-torch :data:`PagedAttention` (causal or windowed), in query tiles.
 

@@ -38,6 +38,7 @@ from __future__ import annotations
 from typing import Protocol
 
 import torch
+
 from swaa_kernels.cpu import LayerMaskSpec
 
 __all__ = ["WindowFn", "flash_attn_swaa_attention", "lse_merge", "sink_attention", "vllm_flash_attn_window_fn"]

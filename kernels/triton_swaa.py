@@ -41,6 +41,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
 from swaa_kernels.cpu import LayerMaskSpec
 
 __all__ = ["kernel_config", "triton_paged_swaa_attention"]

@@ -24,22 +24,10 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
-
-from swaa_kernels.cpu import LayerMaskSpec, RowPlan, paged_swaa_attention, plan_rows
-from swaa_vllm.config import SwaaPlan, plan_from_hf_config
-from swaa_vllm.platforms.cpu_attention_op import (
-    SUPPORTED_HEAD_SIZES,
-    VllmCpuPagedAttention,
-    check_cache_layout,
-    cpu_attention_isa,
-    write_kv_cache_op,
-)
-from swaa_vllm.prompt_lengths import RunnerPromptLengths
-from swaa_vllm.vllm_shims import BACKEND_NAME
 from vllm.config import VllmConfig, get_current_vllm_config
 from vllm.logger import init_logger
-from vllm.platforms import current_platform
 from vllm.model_executor.models.utils import extract_layer_index
+from vllm.platforms import current_platform
 from vllm.v1.attention.backend import (
     AttentionBackend,
     AttentionCGSupport,
@@ -52,6 +40,18 @@ from vllm.v1.attention.backend import (
 )
 from vllm.v1.kv_cache_interface import AttentionSpec
 from vllm.v1.kv_cache_layout import KVCacheLayout
+
+from swaa_kernels.cpu import LayerMaskSpec, RowPlan, paged_swaa_attention, plan_rows
+from swaa_vllm.config import SwaaPlan, plan_from_hf_config
+from swaa_vllm.platforms.cpu_attention_op import (
+    SUPPORTED_HEAD_SIZES,
+    VllmCpuPagedAttention,
+    check_cache_layout,
+    cpu_attention_isa,
+    write_kv_cache_op,
+)
+from swaa_vllm.prompt_lengths import RunnerPromptLengths
+from swaa_vllm.vllm_shims import BACKEND_NAME
 
 logger = init_logger("vllm.swaa")  # under "vllm" so that vLLM's log config shows it
 

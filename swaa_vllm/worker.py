@@ -27,10 +27,11 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from swaa_vllm.prompt_lengths import bind_prompt_lengths
 from vllm.logger import init_logger
 from vllm.v1.worker.cpu_worker import CPUWorker
 from vllm.v1.worker.gpu_worker import Worker
+
+from swaa_vllm.prompt_lengths import bind_prompt_lengths
 
 logger = init_logger("vllm.swaa")  # under "vllm" so that vLLM's log config shows it
 

@@ -47,6 +47,6 @@ def greedy(llm, prompt_token_ids: list[list[int]], max_tokens: int, logprobs: in
     result = []
     for out in outs:
         c = out.outputs[0]
-        lps = [step[tok].logprob for tok, step in zip(c.token_ids, c.logprobs)] if logprobs else []
+        lps = [step[tok].logprob for tok, step in zip(c.token_ids, c.logprobs, strict=True)] if logprobs else []
         result.append((list(c.token_ids), lps))
     return result

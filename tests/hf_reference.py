@@ -87,7 +87,9 @@ def load_model(model_dir: Path, weights_dtype: torch.dtype = torch.float32):
 
 
 @torch.no_grad()
-def greedy(model, swaa_config: dict | None, prompt_token_ids: list[int], max_tokens: int) -> tuple[list[int], list[float]]:
+def greedy(
+    model, swaa_config: dict | None, prompt_token_ids: list[int], max_tokens: int
+) -> tuple[list[int], list[float]]:
     """Greedy tokens and their log-probabilities under the per-layer SWAA masks."""
     from transformers import DynamicCache
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
 from swaa_kernels.cpu import LayerMaskSpec
 from swaa_kernels.reference import reference_attention, swaa_mask
 

@@ -242,7 +242,8 @@ def test_report_files(tmp_path):
 def test_quick_grid_end_to_end(tmp_path, model_dir):
     """``--quick``: two engines (full attention, full recipe at W=32) x 4 samples, ~1 minute on 2 cores."""
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "accuracy_grid.py"), "--quick",
-                           "--out-dir", str(tmp_path)], check=False, capture_output=True, text=True, timeout=300, cwd=REPO)
+                           "--out-dir", str(tmp_path)],
+                          check=False, capture_output=True, text=True, timeout=300, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-4000:]
     results = json.loads((tmp_path / "accuracy.json").read_text())
     names = [c["name"] for c in results["configs"]]

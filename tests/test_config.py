@@ -314,4 +314,6 @@ def test_window_with_every_layer_full_is_rejected():
 
 
 def test_empty_config_says_full_attention_everywhere():
-    assert build_plan({}, 3).describe() == "swaa_config has no sliding_window_size: all 3 layers use full causal attention"
+    assert build_plan({}, 3).describe() == (
+        "swaa_config has no sliding_window_size: all 3 layers use full causal attention"
+    )

@@ -93,7 +93,8 @@ class Batch:
     prompt_lens: torch.Tensor
 
     def __repr__(self) -> str:  # keep hypothesis / assertion output readable
-        return f"Batch({self.reqs}, heads={self.query.shape[1]}/{self.kv_cache.shape[1]}, block_size={self.kv_cache.shape[2]})"
+        return (f"Batch({self.reqs}, heads={self.query.shape[1]}/{self.kv_cache.shape[1]}, "
+                f"block_size={self.kv_cache.shape[2]})")
 
 
 def build_batch(
@@ -246,7 +247,8 @@ def check(b: Batch, spec: LayerMaskSpec, scale: float, query_tile: int, dtype: t
         g = got[starts[r] : starts[r + 1]].double()
         assert torch.isfinite(g).all(), f"request {r} {b.reqs[r]} read a never-written (NaN) cache slot"
         torch.testing.assert_close(
-            g, want, **TOL[dtype], msg=lambda m, r=r: f"request {r} {b.reqs[r]} spec={spec} tile={query_tile} {prim}: {m}"
+            g, want, **TOL[dtype],
+            msg=lambda m, r=r: f"request {r} {b.reqs[r]} spec={spec} tile={query_tile} {prim}: {m}"
         )
 
 
@@ -305,7 +307,8 @@ def test_mixed_batch_matches_reference(prim, block_size, ratio, dtype, query_til
 @pytest.mark.parametrize("head_size", [64, 80, 128, 256])
 def test_head_sizes(head_size, prim):
     b = build_batch(
-        list(MIXED), num_heads=6, num_kv_heads=2, head_size=head_size, block_size=16, dtype=torch.float32, seed=head_size,
+        list(MIXED), num_heads=6, num_kv_heads=2, head_size=head_size, block_size=16, dtype=torch.float32,
+        seed=head_size,
         poison=POISON[prim],
     )
     for spec in SPECS:
@@ -494,7 +497,7 @@ def test_sliding_tiles_read_only_visible_keys(monkeypatch, prim):
     # Rows below W + k see [0, i] (causal primitive); the other P - W - k rows are
     # sink-window tiles, each given its k sinks and W - 1 + tile window keys.
     sink_rows = P - (W + k)
-    sink_calls = [(q, n) for q, n in zip(rec.query_counts, rec.key_counts) if n == k + W - 1 + q]
+    sink_calls = [(q, n) for q, n in zip(rec.query_counts, rec.key_counts, strict=True) if n == k + W - 1 + q]
     assert sum(q for q, _ in sink_calls) == sink_rows
     assert len(sink_calls) == math.ceil(sink_rows / tile)
     assert max(rec.key_counts) <= k + W - 1 + tile, rec.key_counts

@@ -1,4 +1,5 @@
-"""CPU-checkable pieces of the CUDA wiring (``swaa_vllm/platforms/cuda_path.py``): cache views and the graph-safe write."""
+"""CPU-checkable pieces of the CUDA wiring (``swaa_vllm/platforms/cuda_path.py``): cache views and the graph-safe
+write."""
 
 from __future__ import annotations
 

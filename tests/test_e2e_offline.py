@@ -71,7 +71,7 @@ def runs(model_dir, prompts):
 
 @pytest.mark.parametrize("name", ["swaa_no_config", "swaa_big_window"])
 def test_full_attention_equivalents_match_cpu_attn(runs, name):
-    for (ref_tokens, ref_lps), (tokens, lps) in zip(runs["cpu_attn"], runs[name]):
+    for (ref_tokens, ref_lps), (tokens, lps) in zip(runs["cpu_attn"], runs[name], strict=True):
         assert tokens == ref_tokens
         # float32 engines with different attention kernels: logprobs agree to rounding.
         assert lps == pytest.approx(ref_lps, abs=2e-3)
@@ -85,7 +85,7 @@ def test_small_window_changes_output(runs):
 @pytest.mark.parametrize("name", ["swaa_small_window", "swaa_small_window_chunked"])
 def test_small_window_matches_transformers_reference(runs, model_dir, prompts, name):
     model = hf_reference.load_model(model_dir)
-    for prompt, (tokens, lps) in zip(prompts, runs[name]):
+    for prompt, (tokens, lps) in zip(prompts, runs[name], strict=True):
         ref_tokens, ref_lps = hf_reference.greedy(model, SMALL_WINDOW, prompt, MAX_TOKENS)
         assert tokens == ref_tokens
         # vLLM float32 vs transformers float32 (float64 attention): kernels differ in

@@ -23,15 +23,20 @@ import pytest
 import torch
 
 from swaa_kernels.cpu import plan_rows
-from swaa_vllm.finetuning import training_attention
 from swaa_vllm.config import build_plan, plan_from_hf_config
-from swaa_vllm.finetuning.distill import build_samples, read_jsonl
 from swaa_vllm.evaluation.recipes import preset_config
-from swaa_vllm.finetuning.train import LoraHyperparameters, train
 from swaa_vllm.evaluation.scoring import score
 from swaa_vllm.evaluation.tasks import (
-    FILLER_SENTENCES, TASKS, TRAINING_FILLER_SENTENCES, TRAINING_TASKS, TaskSpec, make_sample,
+    FILLER_SENTENCES,
+    TASKS,
+    TRAINING_FILLER_SENTENCES,
+    TRAINING_TASKS,
+    TaskSpec,
+    make_sample,
 )
+from swaa_vllm.finetuning import training_attention
+from swaa_vllm.finetuning.distill import build_samples, read_jsonl
+from swaa_vllm.finetuning.train import LoraHyperparameters, train
 from tests import hf_reference, tiny_models
 
 REPO = Path(__file__).resolve().parent.parent
@@ -234,7 +239,7 @@ def _served(model_dir: Path, prompts: list[list[int]], adapter: Path | None, max
             outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False,
                                 lora_request=lora)
             results.append([(list(o.outputs[0].token_ids),
-                             [s[t].logprob for t, s in zip(o.outputs[0].token_ids, o.outputs[0].logprobs)])
+                             [s[t].logprob for t, s in zip(o.outputs[0].token_ids, o.outputs[0].logprobs, strict=True)])
                             for o in outs])
     return results
 
@@ -246,12 +251,12 @@ def test_adapter_serves_through_vllm_swaa_backend_and_matches_training_forward(t
     adapter, rows, _ = tiny_adapter
     prompts = [rows[0]["prompt_ids"], rows[1]["prompt_ids"], _rows(1, seed=9)[0]["prompt_ids"]]
     base, tuned = _served(tiny_llama, prompts, adapter, ANSWER_LEN)
-    assert any(b[0] != t[0] for b, t in zip(base, tuned)), "the adapter did not change vLLM's output"
+    assert any(b[0] != t[0] for b, t in zip(base, tuned, strict=True)), "the adapter did not change vLLM's output"
     # the trained prompts now continue with (the start of) their memorised answers
     assert tuned[0][0][:4] == rows[0]["answer_ids"][:4]
     model = PeftModel.from_pretrained(_load(tiny_llama), adapter).eval()
     plan = build_plan(SWAA_CONFIG, NUM_LAYERS)
-    for prompt, (tokens, logprobs) in zip(prompts, tuned):
+    for prompt, (tokens, logprobs) in zip(prompts, tuned, strict=True):
         ids = torch.tensor([prompt + tokens[:-1]])
         with torch.no_grad():
             logits = model(input_ids=ids, use_cache=False, swaa_plan=plan, swaa_prompt_len=len(prompt),
@@ -273,7 +278,8 @@ def test_presets_and_cli_errors(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
 
     def run(*args):
-        return subprocess.run([sys.executable, "-m", "swaa_vllm.finetuning.train", *args], capture_output=True, text=True,
+        return subprocess.run([sys.executable, "-m", "swaa_vllm.finetuning.train", *args],
+                              capture_output=True, text=True,
                               env=env, timeout=120)
 
     bad = run("--data", str(data), "--output", str(tmp_path / "a"), "--swaa-config", '{"sliding_window_size": 0}')

@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from swaa_kernels.cpu import LayerMaskSpec
 from swaa_kernels.flash_attn_path import (
     flash_attn_swaa_attention,
     lse_merge,
     sink_attention,
 )
-
 from tests.paged_cases import EDGE_BATCH, EDGE_SPECS, make_batch, reference_output
 
 TOL = {"atol": 1e-5, "rtol": 1e-5}

@@ -105,7 +105,8 @@ CASES = [
     Case("qwen3-r8-h128-one-layer-k-ge-W", "qwen3",
          {"sliding_window_size": 6, "keep_first": 10, "non_sliding_layers": [0, 1, 3]},
          num_heads=8, num_kv_heads=1, head_dim=128, runners=("v1",)),
-    Case("llama-r3-bf16-all-sliding-fa-k0", "llama", {"sliding_window_size": 10, "keep_first": 0, "force_fa_decode": True},
+    Case("llama-r3-bf16-all-sliding-fa-k0", "llama",
+         {"sliding_window_size": 10, "keep_first": 0, "force_fa_decode": True},
          dtype="bfloat16", num_heads=6, num_kv_heads=2, head_dim=64, runners=("v1",)),
     Case("qwen3-r2-no-swaa-config", "qwen3", None, num_heads=4, num_kv_heads=2, head_dim=64, runners=("v1",)),
 ]
@@ -219,9 +220,10 @@ def test_matches_reference_in_every_scheduler_situation(case, runner, model_dir,
     tol = F32_LOGPROB_TOL if case.dtype == "float32" else BF16_LOGPROB_TOL
     failures = []
     for wave, prompts in waves.items():
-        for i, (prompt, (tokens, logprobs)) in enumerate(zip(prompts, outputs[wave])):
+        for i, (prompt, (tokens, logprobs)) in enumerate(zip(prompts, outputs[wave], strict=True)):
             argmax, ref_logprobs, margin = hf_reference.teacher_forced(model, case.swaa_config, prompt, tokens)
-            for step, (tok, best, lp, ref_lp, gap) in enumerate(zip(tokens, argmax, logprobs, ref_logprobs, margin)):
+            steps = zip(tokens, argmax, logprobs, ref_logprobs, margin, strict=True)
+            for step, (tok, best, lp, ref_lp, gap) in enumerate(steps):
                 greedy_ok = tok == best or (case.dtype != "float32" and gap <= tol)
                 if not greedy_ok or abs(lp - ref_lp) > tol:
                     failures.append(

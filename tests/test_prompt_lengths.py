@@ -155,7 +155,8 @@ def test_builder_uses_the_bound_lengths():
 
 
 def test_vllm_still_has_the_runner_tables_and_hooks_we_read():
-    """Pins the vLLM interfaces of swaa_vllm.prompt_lengths and swaa_vllm.worker (0.32 here; 0.33: make check-vllm-gpu-api)."""
+    """Pins the vLLM interfaces of swaa_vllm.prompt_lengths and swaa_vllm.worker (0.32 here; 0.33: make
+    check-vllm-gpu-api)."""
     from vllm.v1.attention.backend import CommonAttentionMetadata
     from vllm.v1.worker.gpu.model_states import default as v2_default_state
     from vllm.v1.worker.gpu.states import RequestState

@@ -70,7 +70,7 @@ def test_two_replicas_match_one_llm_generate(tmp_path, model_dir, prompts):
     with llm_engine(model_dir, attention_backend="swaa", hf_overrides={"swaa_config": SWAA_CONFIG}, **ENGINE) as llm:
         outs = llm.generate([prompts[i] for i in ids], SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS),
                             use_tqdm=False)
-    expected = {i: o.outputs[0].text for i, o in zip(ids, outs)}
+    expected = {i: o.outputs[0].text for i, o in zip(ids, outs, strict=True)}
     got = {r["id"]: r["generated_text"] for r in rows}
     assert got == expected
     assert all(r["num_generated_tokens"] == MAX_TOKENS for r in rows)

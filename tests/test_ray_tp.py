@@ -87,7 +87,7 @@ def test_tp2_on_ray_equals_tp1_and_the_reference(runs, tiny_llama, prompts):
     tp1 = [tokens for tokens, _ in runs["tp1"]]
     tp2 = [tokens for tokens, _ in runs["tp2"]]
     assert tp2 == tp1
-    for (_, lp1), (_, lp2) in zip(runs["tp1"], runs["tp2"]):
+    for (_, lp1), (_, lp2) in zip(runs["tp1"], runs["tp2"], strict=True):
         assert lp2 == pytest.approx(lp1, abs=2e-3)  # sharded matmuls + gloo all-reduce: rounding only
 
     model = hf_reference.load_model(tiny_llama)

@@ -33,7 +33,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _vllm_serve(model_dir: Path, port: int, swaa_config, log_path: Path, extra: tuple[str, ...] = ()) -> subprocess.Popen:
+def _vllm_serve(
+    model_dir: Path, port: int, swaa_config, log_path: Path, extra: tuple[str, ...] = ()
+) -> subprocess.Popen:
     vllm = Path(sys.executable).parent / "vllm"  # the console script, as a user runs it
     cmd = [
         str(vllm), "serve", str(model_dir), "--served-model-name", SERVED_NAME,

@@ -71,7 +71,8 @@ def test_compiles_for_sm90(dtype, head_size, group, max_query_len, is_full, fa_d
     kernel = triton_swaa._swaa_paged_kernel
     cfg = triton_swaa.kernel_config(group, head_size, max_query_len)
     constexprs = {
-        "IS_FULL": is_full, "FA_DECODE": fa_decode, "GROUP": group, "BLOCK_Q": cfg["BLOCK_Q"], "BLOCK_M": cfg["BLOCK_M"],
+        "IS_FULL": is_full, "FA_DECODE": fa_decode, "GROUP": group,
+        "BLOCK_Q": cfg["BLOCK_Q"], "BLOCK_M": cfg["BLOCK_M"],
         "TILE_N": cfg["TILE_N"], "HEAD_SIZE": head_size, "HEAD_PAD": triton.next_power_of_2(head_size),
         "KV_BLOCK_SIZE": 16, "COUNT_TILES": count,
     }

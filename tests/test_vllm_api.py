@@ -35,8 +35,8 @@ SCANNED = ("swaa_vllm", "kernels")
 # Not here, because the GPU path needs them too: swaa_vllm/platforms/cpu_attention_op.py's `vllm._custom_ops` and
 # `vllm.envs` (swaa_vllm/backend.py imports that module at import time on every platform; its vllm._C
 # ops themselves run only on CPU and are not imports), and the public `vllm.LLM`, `SamplingParams`,
-# `TokensPrompt` of swaa_vllm/batch/ray_data.py (GPU replicas) and finetuning/distill.py. models/bundled.py, finetuning/train.py,
-# evaluation/report.py, evaluation/tasks.py and finetuning/training_attention.py import nothing from vLLM.
+# `TokensPrompt` of swaa_vllm/batch/ray_data.py (GPU replicas) and finetuning/distill.py. The rest of
+# evaluation/, finetuning/ and models/ imports nothing from vLLM.
 CPU_ONLY: dict[str, set[tuple[str, str | None]]] = {
     "swaa_vllm/platforms/ray_executor.py": {
         ("vllm.v1.executor", "ray_executor_v2"),

@@ -13,10 +13,10 @@ import sys
 import types
 
 import pytest
+from vllm.v1.attention.backends.registry import AttentionBackendEnum
 
 import swaa_vllm
 from swaa_vllm import vllm_shims
-from vllm.v1.attention.backends.registry import AttentionBackendEnum
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -29,9 +29,9 @@ if os.environ.get("TRITON_INTERPRET") != "1":  # pragma: no cover - guarded by t
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from swaa_kernels.cpu import LayerMaskSpec
 from swaa_kernels.triton_swaa import triton_paged_swaa_attention
-
 from tests.paged_cases import EDGE_BATCH, EDGE_SPECS, make_batch, reference_output
 
 TOL = {torch.float32: {"atol": 1e-4, "rtol": 1e-4}, torch.float16: {"atol": 1e-2, "rtol": 1e-2}}
@@ -138,7 +138,8 @@ def test_tile_visits(spec):
     max_tiles = math.ceil(max(s for s, _, _ in reqs) / tile)
     visits = torch.zeros(batch.query.shape[0], num_heads, max_tiles, dtype=torch.int32)
     scale = 32**-0.5
-    out = triton_paged_swaa_attention(*batch.kernel_args(), spec, scale, tile_visits=visits, block_m=block_m, tile_n=tile)
+    out = triton_paged_swaa_attention(*batch.kernel_args(), spec, scale, tile_visits=visits, block_m=block_m,
+                                      tile_n=tile)
     torch.testing.assert_close(out.double(), reference_output(batch, spec, scale), **TOL[torch.float32])
 
     assert int(visits.max()) == 1, "a tile was visited twice by one program (double counting)"

@@ -1,4 +1,4 @@
-"""Synthetic long-context retrieval tasks (offline, deterministic by seed); scored by :mod:`swaa_vllm.evaluation.scoring`.
+"""Synthetic long-context retrieval tasks (offline, deterministic by seed).
 
 The tasks follow passkey retrieval and RULER's needle-in-a-haystack family (Hsieh et al., "RULER: What's
 the real context size of your long-context language models?", arXiv 2404.06654):
@@ -10,8 +10,10 @@ the real context size of your long-context language models?", arXiv 2404.06654):
 
 A prompt is the model's chat template around one user turn (instruction, haystack, question), ending
 with the assistant header, so the model words its own answer; optionally (``answer_prefix``) the
-assistant turn starts with the answer's beginning ("The pass key is"), as RULER does. The haystack is made of short bland sentences drawn with the sample's own seed, padded
-until the templated prompt reaches ``context_tokens``; the needle goes at a chosen relative depth.
+assistant turn starts with the answer's beginning ("The pass key is"), as RULER does. The haystack is
+made of short bland sentences drawn with the sample's own seed, padded until the templated prompt reaches
+``context_tokens``; the needle goes at a chosen relative depth. :mod:`swaa_vllm.evaluation.scoring` scores
+the model's answers.
 
 Separate families, :data:`TRAINING_TASKS`, feed SWA-aware fine-tuning (``swaa_vllm.finetuning.distill``) and are never
 scored by the accuracy harness, so that the harness measures generalisation: they hide words, codes and
@@ -166,7 +168,8 @@ def _chat_prefix_ids(tokenizer, user_text: str) -> list[int]:
 def _user_start(tokenizer) -> int:
     """Index of the first token of the user message in a templated prompt."""
     a, b = _chat_prefix_ids(tokenizer, "a"), _chat_prefix_ids(tokenizer, "b")
-    return next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
+    # strict=False: the two prompts may differ in length; they first differ inside the user text.
+    return next(i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y)
 
 
 def _number(rng: random.Random, digits: int) -> str:
@@ -190,17 +193,17 @@ def _training_parts(spec: TaskSpec, rng: random.Random) -> tuple[str, list[str],
     n = spec.num_keys
     if spec.task == "word_lookup":
         keys, values = _distinct_keys(rng, n), rng.sample(COLORS, n)
-        needles = [f"The secret color of the {k} is {v}." for k, v in zip(keys, values)]
+        needles = [f"The secret color of the {k} is {v}." for k, v in zip(keys, values, strict=True)]
         return (intro, needles, f"What is the secret color of the {keys[0]}?",
                 f"The secret color of the {keys[0]} is", (values[0],))
     if spec.task == "code_lookup":
         keys = _distinct_keys(rng, n)
         values = [_code(rng, spec.value_digits) for _ in keys]
-        needles = [f"The access code of the {k} vault is {v}." for k, v in zip(keys, values)]
+        needles = [f"The access code of the {k} vault is {v}." for k, v in zip(keys, values, strict=True)]
         return (intro, needles, f"What is the access code of the {keys[0]} vault?",
                 f"The access code of the {keys[0]} vault is", (values[0],))
     people, cities = rng.sample(_PEOPLE, n), rng.sample(CITIES, n)
-    needles = [f"{p} moved to {c} last year." for p, c in zip(people, cities)]
+    needles = [f"{p} moved to {c} last year." for p, c in zip(people, cities, strict=True)]
     return (intro, needles, f"Which city did {people[0]} move to last year?", f"{people[0]} moved to", (cities[0],))
 
 
@@ -229,7 +232,7 @@ def _parts(spec: TaskSpec, rng: random.Random) -> tuple[str, list[str], str, str
     if spec.task == "niah_multikey":
         keys = _distinct_keys(rng, spec.num_keys)
         values = [_number(rng, d) for _ in keys]
-        needles = [f"One of the special magic numbers for {k} is: {v}." for k, v in zip(keys, values)]
+        needles = [f"One of the special magic numbers for {k} is: {v}." for k, v in zip(keys, values, strict=True)]
         return (intro, needles, f"What is the special magic number for {keys[0]} mentioned in the provided text?",
                 f"The special magic number for {keys[0]} mentioned in the provided text is", (values[0],))
     key = _distinct_keys(rng, 1)[0]
@@ -267,7 +270,7 @@ def make_sample(tokenizer, spec: TaskSpec, seed: int, depth: float) -> Sample:
     def render(filler: list[str], positions: list[int]) -> tuple[str, int]:
         """User text with needle i before filler sentence positions[i]; char offset of needle 0."""
         inserts: dict[int, list[str]] = {}
-        for needle, pos in zip(needles, positions):
+        for needle, pos in zip(needles, positions, strict=True):
             inserts.setdefault(pos, []).append(needle)
         sentences, first = [], -1
         for i in range(len(filler) + 1):

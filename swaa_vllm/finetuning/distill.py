@@ -85,7 +85,7 @@ def distill(model_dir: Path, samples: Sequence[Sample], eos_token_id: int, seed:
         llm.llm_engine.engine_core.shutdown()
     rows: list[dict] = []
     stats: dict = {}
-    for sample, out in zip(samples, outs):
+    for sample, out in zip(samples, outs, strict=True):
         counts = stats.setdefault(sample.task, {"asked": 0, "kept": 0, "wrong": 0, "unfinished": 0})
         counts["asked"] += 1
         completion = out.outputs[0]

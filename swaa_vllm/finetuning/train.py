@@ -231,7 +231,8 @@ def main(argv: list[str] | None = None) -> dict:
     except SwaaConfigError as err:
         sys.exit(str(err))
     if not args.data.exists():
-        sys.exit(f"--data {args.data} does not exist; make it with: python -m swaa_vllm.finetuning.distill --output {args.data}")
+        sys.exit(f"--data {args.data} does not exist; make it with: "
+                 f"python -m swaa_vllm.finetuning.distill --output {args.data}")
     try:
         rows = read_jsonl(args.data)
     except ValueError as err:

@@ -31,7 +31,6 @@ import torch
 
 from swaa_kernels.cpu import LayerMaskSpec
 from swaa_kernels.reference import swaa_mask
-
 from swaa_vllm.config import SwaaPlan
 
 __all__ = ["ATTN_NAME", "TILE", "layer_mask", "register", "swaa_training_attention", "tiled_masked_attention"]

@@ -18,10 +18,10 @@ from __future__ import annotations
 import functools
 
 import torch
-
-from swaa_kernels.cpu import PagedBatch, key_blocks, value_blocks, write_kv_cache
 from vllm import _custom_ops as ops
 from vllm import envs
+
+from swaa_kernels.cpu import PagedBatch, key_blocks, value_blocks, write_kv_cache
 
 __all__ = ["VllmCpuPagedAttention", "check_cache_layout", "cpu_attention_isa", "write_kv_cache_op"]
 

@@ -36,6 +36,7 @@ import os
 from dataclasses import dataclass
 
 import torch
+
 from swaa_kernels.cpu import LayerMaskSpec
 from swaa_kernels.flash_attn_path import flash_attn_swaa_attention
 from swaa_kernels.triton_swaa import triton_paged_swaa_attention

@@ -375,7 +375,7 @@ class Resolver:
             value = getattr(stmt, "value", None)
             if not isinstance(value, ast.Dict):
                 continue
-            for key, val in zip(value.keys, value.values):
+            for key, val in zip(value.keys, value.values, strict=True):
                 if isinstance(key, ast.Constant) and key.value == name:
                     if isinstance(val, ast.Constant) and isinstance(val.value, str) and ":" in val.value:
                         rel_module, attr = val.value.split(":", 1)

@@ -23,12 +23,12 @@ by its ``used_by``; then update the record.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 
 __all__ = ["EXPECTATIONS", "Expect", "Kind"]
 
 
-class Kind(str, Enum):
+class Kind(StrEnum):
     """What a record names."""
 
     MODULE = "module"
@@ -199,7 +199,8 @@ EXPECTATIONS: tuple[Expect, ...] = (
     method("vllm.config.model", "ModelConfig.get_sliding_window",
            used_by="swaa_vllm/vllm_shims.py: refuses models with their own window"),
     attribute("vllm.config.model", "ModelConfig.max_model_len", used_by="swaa_vllm/vllm_shims.py: window warning"),
-    attribute("vllm.config.model", "ModelConfig.dtype", used_by="swaa_vllm/platforms/cuda_path.py: flash-attn needs fp16/bf16"),
+    attribute("vllm.config.model", "ModelConfig.dtype",
+              used_by="swaa_vllm/platforms/cuda_path.py: flash-attn needs fp16/bf16"),
     attribute("vllm.config.cache", "CacheConfig.cache_dtype", used_by="swaa_vllm/vllm_shims.py: refuses fp8 KV"),
     attribute("vllm.config.scheduler", "SchedulerConfig.max_num_seqs",
               used_by="swaa_vllm/platforms/cuda_path.py: size of the persistent prompt-length buffer"),
@@ -260,9 +261,12 @@ EXPECTATIONS: tuple[Expect, ...] = (
            used_by="swaa_vllm/backend.py: SwaaMetadataBuilder.__init__ calls super() with these"),
     method(_BACKEND, "AttentionMetadataBuilder.build", ("common_prefix_len", "common_attn_metadata", "fast_build"),
            used_by="swaa_vllm/backend.py: SwaaMetadataBuilder.build overrides it"),
-    attribute(_BACKEND, "AttentionMetadataBuilder.kv_cache_spec", used_by="swaa_vllm/platforms/cuda_path.py: head_size"),
-    attribute(_BACKEND, "AttentionMetadataBuilder.vllm_config", used_by="swaa_vllm/platforms/cuda_path.py: dtype, max_num_seqs"),
-    attribute(_BACKEND, "AttentionMetadataBuilder.device", used_by="swaa_vllm/backend.py, platforms/cuda_path.py: CUDA dispatch"),
+    attribute(_BACKEND, "AttentionMetadataBuilder.kv_cache_spec",
+              used_by="swaa_vllm/platforms/cuda_path.py: head_size"),
+    attribute(_BACKEND, "AttentionMetadataBuilder.vllm_config",
+              used_by="swaa_vllm/platforms/cuda_path.py: dtype, max_num_seqs"),
+    attribute(_BACKEND, "AttentionMetadataBuilder.device",
+              used_by="swaa_vllm/backend.py, platforms/cuda_path.py: CUDA dispatch"),
     cls(_BACKEND, "CommonAttentionMetadata", used_by="swaa_vllm/backend.py: build's input"),
     *(
         attribute(_BACKEND, f"CommonAttentionMetadata.{name}", used_by=f"swaa_vllm/{user}: reads {name}")
@@ -321,7 +325,7 @@ EXPECTATIONS: tuple[Expect, ...] = (
     # backend.py imports swaa_vllm/platforms/cpu_attention_op.py on every platform, which imports these at import time.
     module("vllm._custom_ops", used_by="swaa_vllm/platforms/cpu_attention_op.py: imported at import time (backend.py)"),
     module("vllm.envs", used_by="swaa_vllm/platforms/cpu_attention_op.py: imported at import time (backend.py)"),
-    # -- the CUDA path (swaa_vllm/platforms/cuda_path.py, kernels/flash_attn_path.py) -------------------------------------
+    # -- the CUDA path (swaa_vllm/platforms/cuda_path.py, kernels/flash_attn_path.py) ---------------------------
     module("vllm.vllm_flash_attn", used_by="swaa_vllm/platforms/cuda_path.py: flash_attn_available()"),
     function("vllm.vllm_flash_attn", "flash_attn_varlen_func",
              used_by="swaa_vllm/platforms/cuda_path.py: flash_attn_available()"),
@@ -395,7 +399,7 @@ EXPECTATIONS: tuple[Expect, ...] = (
     cls("vllm.v1.worker.utils", "AttentionGroup", used_by="swaa_vllm/prompt_lengths.py: runner.attn_groups entries"),
     attribute("vllm.v1.worker.utils", "AttentionGroup.metadata_builders",
               used_by="swaa_vllm/prompt_lengths.py: the SWAA builders to bind"),
-    # -- the Ray Data pipeline's engine (swaa_vllm/batch/ray_data.py, also on GPU replicas; finetuning/distill.py too) -------
+    # -- the Ray Data pipeline's engine (swaa_vllm/batch/ray_data.py, also on GPU replicas; finetuning/distill.py too)
     cls("vllm", "LLM", used_by="swaa_vllm/batch/ray_data.py, finetuning/distill.py: one engine per replica"),
     cls("vllm", "SamplingParams", used_by="swaa_vllm/batch/ray_data.py, finetuning/distill.py: sampling options"),
     cls("vllm", "TokensPrompt", used_by="swaa_vllm/finetuning/distill.py: token-id prompts"),
