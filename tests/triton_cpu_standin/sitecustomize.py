@@ -15,6 +15,11 @@ vLLM's spawned engine-core and worker processes, registers the stand-in before
 anything imports vLLM. Without the flag it does nothing. It is never installed
 with the package and never used outside the tests.
 
+Engines under the stand-in must run eager (``enforce_eager=True``, ``--enforce-eager``):
+torch.compile's inductor then sees a Triton ``cpu`` backend and tries to compile
+through it. With that, ``vllm serve`` also runs on V2 here (checked by hand: healthy
+after ~75 s, "The capital of France is Paris.").
+
 One interpreter fault is mended too: Triton 3.9's interpreter represents ``a & b``
 of a block mask and a scalar comparison as int32 data (a ``tl.int1`` value), and its
 masked load/store then fail with "mask has unsupported dtype" (it happens in vLLM's
