@@ -40,6 +40,12 @@ import torch
 
 __all__ = ["RunnerPromptLengths", "bind_prompt_lengths", "runner_version"]
 
+# Where each runner's prompt lengths come from (the table above), for the start-up log.
+_SOURCES = {
+    "V2": "req_states.prompt_len by CommonAttentionMetadata.req_idx",
+    "V1": "input_batch.num_prompt_tokens in batch order",
+}
+
 
 def runner_version(model_runner) -> str:
     """``"V2"`` or ``"V1"``: which of vLLM's model runners ``model_runner`` is (CPU and GPU alike).
@@ -74,6 +80,13 @@ class RunnerPromptLengths:
     def __init__(self, model_runner) -> None:
         self.model_runner = model_runner
         self.version = runner_version(model_runner)
+
+    def describe(self) -> str:
+        """One log line: which runner, and which of its tables the prompt lengths come from."""
+        return (
+            f"vLLM's {self.version} model runner ({type(self.model_runner).__module__}): "
+            f"prompt lengths from {_SOURCES[self.version]}"
+        )
 
     def table_and_rows(self, common_attn_metadata) -> tuple[np.ndarray, np.ndarray]:
         """``(table, rows)``: the runner's prompt-length table and the entry of each real batch row.

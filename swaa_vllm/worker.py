@@ -49,13 +49,7 @@ class PromptLengthsWorkerMixin:
 
     def initialize_from_config(self, kv_cache_config) -> None:
         super().initialize_from_config(kv_cache_config)
-        source = bind_prompt_lengths(self.model_runner)
-        logger.info_once(
-            "SWAA backend on vLLM's %s model runner (%s): prompt lengths from %s.",
-            source.version, type(self.model_runner).__module__,
-            "req_states.prompt_len by CommonAttentionMetadata.req_idx" if source.version == "V2"
-            else "input_batch.num_prompt_tokens in batch order",
-        )
+        logger.info_once("SWAA backend on %s.", bind_prompt_lengths(self.model_runner).describe())
 
 
 class AttentionReportMixin:

@@ -4,12 +4,13 @@ The runners' own request tables are used (V2: vLLM's ``RequestState``), with
 requests added, removed and re-added so that table slots are reused and batch
 rows come in an order unrelated to slots; the independent truth is the prompt
 length each request was added with. ``tests/test_matrix.py`` checks the same end
-to end, token by token, under both runners.
+to end, token by token, under both runners; the vLLM interfaces read here are pinned
+by ``tests/vllm_api/expectations.py`` (checked on the installed vLLM by
+``tests/test_vllm_api.py``).
 """
 
 from __future__ import annotations
 
-import inspect
 import types
 
 import numpy as np
@@ -57,6 +58,7 @@ def test_v2_rows_read_their_own_request_after_slots_are_reused_and_rows_reordere
     del truth["b"]
     source = RunnerPromptLengths(runner)
     assert source.version == "V2"
+    assert "prompt lengths from req_states.prompt_len by CommonAttentionMetadata.req_idx" in source.describe()
     slot = runner.req_states.req_id_to_index
     assert slot["d"] != 0, "the test needs a request whose slot differs from its batch row"
     for order in (["d", "a", "c"], ["c", "d", "a"], ["a"]):
@@ -105,6 +107,7 @@ def test_v1_rows_are_input_batch_order_and_padding_is_zero():
     runner = _v1_runner([7, 2, 30, 99], num_reqs=3)  # entry 3 is stale (a finished request)
     source = RunnerPromptLengths(runner)
     assert source.version == "V1"
+    assert source.describe().startswith("vLLM's V1 model runner (vllm.v1.worker.gpu_model_runner)")
     assert source.for_batch(_metadata(3)).tolist() == [7, 2, 30]
     assert source.for_batch(_metadata(4)).tolist() == [7, 2, 30, 0]  # request padding of a full CUDA graph
     runner.input_batch = types.SimpleNamespace(num_prompt_tokens=np.array([4, 8]), num_reqs=2)  # re-allocated
@@ -152,21 +155,3 @@ def test_builder_uses_the_bound_lengths():
     md = builder.build(common_prefix_len=0, common_attn_metadata=cm)
     assert md.prompt_lens.tolist() == [6, 3]
     assert md.query_start_loc.tolist() == [0, 4, 5]
-
-
-def test_vllm_still_has_the_runner_tables_and_hooks_we_read():
-    """Pins the vLLM interfaces of swaa_vllm.prompt_lengths and swaa_vllm.worker (0.32 here; 0.33: make
-    check-vllm-gpu-api)."""
-    from vllm.v1.attention.backend import CommonAttentionMetadata
-    from vllm.v1.worker.gpu.model_states import default as v2_default_state
-    from vllm.v1.worker.gpu.states import RequestState
-    from vllm.v1.worker.gpu_input_batch import InputBatch
-    from vllm.v1.worker.gpu_worker import Worker
-
-    assert "req_idx" in CommonAttentionMetadata.__dataclass_fields__
-    # V2 fills req_idx from the batch's request-table indices.
-    assert "req_idx=input_batch.idx_mapping_np" in inspect.getsource(v2_default_state)
-    assert "self.prompt_len = " in inspect.getsource(RequestState.__init__)
-    assert "self.num_prompt_tokens = " in inspect.getsource(InputBatch.__init__)
-    # The worker step after which the builders exist (both runners create them in initialize_kv_cache).
-    assert "self.model_runner.initialize_kv_cache(" in inspect.getsource(Worker.initialize_from_config)
