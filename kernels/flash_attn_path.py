@@ -13,6 +13,10 @@ each request the query rows split, by position against the prompt length P, into
 * **full rows** (full-attention layers, generated rows with FA decode): one
   flash-attn call with ``causal=True, window_size=(-1, -1)``.
 
+The windowed call gets a copy of the block table whose entries before each chunk's
+window point at vLLM's null block: flash-attn loads whole key tiles, and those blocks
+may have been freed by the sink-window KV manager (``swaa_vllm/sink_window_cache.py``).
+
 Within a request sliding rows precede full rows, so each set is a varlen
 "sub-batch" of contiguous chunks: chunk ``r`` has ``n`` query rows and
 ``seqused_k`` = position of its last row + 1, and flash-attn's bottom-right
@@ -45,6 +49,8 @@ __all__ = ["WindowFn", "flash_attn_swaa_attention", "lse_merge", "sink_attention
 
 # Rows of one plain-torch sink attention call (bounds its [heads, rows, k] score tensor).
 SINK_ROW_CHUNK = 8192
+# vLLM's null block (``BlockPool.null_block``, block 0: never written, so finite).
+NULL_BLOCK_ID = 0
 
 
 class WindowFn(Protocol):
@@ -263,8 +269,10 @@ def flash_attn_swaa_attention(
         rows, reqs, cu, used, max_q, max_k = _gather_sub_batch(device, chunks)
         whole = rows.shape[0] == num_tokens  # the common case: no row copy
         q = query[:num_tokens] if whole else query.index_select(0, rows)
-        o, lse = window_fn(q, key_cache, value_cache, block_table.index_select(0, reqs), cu, used,
-                           max_q, max_k, scale, window_left)
+        table = block_table.index_select(0, reqs)
+        if window_left >= 0:
+            _null_blocks_before_window(table, used, cu, spec.window, block_size)
+        o, lse = window_fn(q, key_cache, value_cache, table, cu, used, max_q, max_k, scale, window_left)
         if window_left >= 0 and spec.keep_first > 0:
             o = _add_sinks(o, lse, q, chunks, key_cache, value_cache, block_table, block_size, spec, scale)
         if whole:
@@ -272,6 +280,22 @@ def flash_attn_swaa_attention(
         else:
             out.index_copy_(0, rows, o.to(out.dtype))
     return out[:num_tokens]
+
+
+def _null_blocks_before_window(table: torch.Tensor, used: torch.Tensor, cu: torch.Tensor, window: int,
+                               block_size: int) -> None:
+    """Point each chunk's block-table entries before its first row's window at the null block (in place).
+
+    flash-attn loads whole key tiles and masks inside them, so a tile may start before
+    the window; those blocks may be freed (``swaa_vllm/sink_window_cache.py``) while
+    the worker's table still names them. ``table`` int32 ``[chunks, max_blocks]``,
+    ``used``/``cu`` the chunks' ``seqused_k`` and ``cu_seqlens_q``. The sinks are read
+    from the original table.
+    """
+    first_row = used - (cu[1:] - cu[:-1])
+    first_block = (first_row - window + 1).clamp(min=0) // block_size
+    before = torch.arange(table.shape[1], device=table.device)[None, :] < first_block[:, None]
+    table.masked_fill_(before, NULL_BLOCK_ID)
 
 
 def _add_sinks(o, lse, q, chunks, key_cache, value_cache, block_table, block_size, spec, scale):

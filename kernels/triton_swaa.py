@@ -22,7 +22,9 @@ online softmax, Dao 2023, arXiv 2307.08691, Algorithm 1):
   ``[max(floor((q_lo - W + 1) / TILE_N), n_sink_tiles), ceil((q_hi + 1) / TILE_N))``,
   where ``q_lo``/``q_hi`` are its first and last row positions: window tiles
   already covered by the sink range are skipped, so every tile is visited at most
-  once and no key is counted twice. A program with a full-attention row (a
+  once and no key is counted twice. Keys in ``[k, q_lo - W + 1)``, which no row of
+  the program sees, are not even loaded (their blocks may be freed, see
+  ``swaa_vllm/sink_window_cache.py``). A program with a full-attention row (a
   full-attention layer, or a generated row with FA decode) visits every tile up
   to ``q_hi``. Inside a tile the exact per-row rule
   ``j <= i and (row_full or j < k or j > i - W)`` is applied, so rows of different
@@ -69,17 +71,21 @@ def _find_request(query_start_loc_ptr, q_block_global, num_reqs, BLOCK_Q: tl.con
 @triton.jit
 def _tile_step(
     tile, m_i, l_i, acc, q, pos, row_full, row_valid, token, head,
-    k_ptr, v_ptr, block_row_ptr, kv_head, seq_len, keep_first, window, qk_scale,
+    k_ptr, v_ptr, block_row_ptr, kv_head, seq_len, keep_first, window, key_lo, qk_scale,
     stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     visits_ptr, stride_vis_t, stride_vis_h,
     offs_d, d_valid,
     TILE_N: tl.constexpr, KV_BLOCK_SIZE: tl.constexpr, COUNT_TILES: tl.constexpr,
 ):
-    """One key tile of the online softmax; returns the updated ``(m_i, l_i, acc)``."""
+    """One key tile of the online softmax; returns the updated ``(m_i, l_i, acc)``.
+
+    Keys ``[keep_first, key_lo)`` are seen by no row of the program and are not loaded:
+    their blocks may have been freed (``swaa_vllm/sink_window_cache.py``).
+    """
     if COUNT_TILES:
         tl.atomic_add(visits_ptr + token * stride_vis_t + head * stride_vis_h + tile, 1, mask=row_valid)
     j = tile * TILE_N + tl.arange(0, TILE_N)
-    key_valid = j < seq_len
+    key_valid = (j < seq_len) & ((j < keep_first) | (j >= key_lo))
     block = tl.load(block_row_ptr + j // KV_BLOCK_SIZE, mask=key_valid, other=0).to(tl.int64)
     offset = j % KV_BLOCK_SIZE
     k = tl.load(
@@ -163,8 +169,8 @@ def _swaa_paged_kernel(
     end_tile = (q_hi + TILE_N) // TILE_N
     sink_end_tile = (tl.minimum(keep_first, q_hi + 1) + TILE_N - 1) // TILE_N
     # A program with a full-attention row reads from key 0; otherwise from its first row's window.
-    window_tile = tl.where(q_hi >= full_from, 0, tl.maximum(q_lo - window + 1, 0) // TILE_N)
-    window_tile = tl.maximum(window_tile, sink_end_tile)
+    key_lo = tl.where(q_hi >= full_from, 0, tl.maximum(q_lo - window + 1, 0))  # first window key of any row
+    window_tile = tl.maximum(key_lo // TILE_N, sink_end_tile)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -173,7 +179,7 @@ def _swaa_paged_kernel(
     for tile in range(sink_end_tile):
         m_i, l_i, acc = _tile_step(
             tile, m_i, l_i, acc, q, pos, row_full, row_valid, token, head,
-            k_ptr, v_ptr, block_row_ptr, kv_head, seq_len, keep_first, window, qk_scale,
+            k_ptr, v_ptr, block_row_ptr, kv_head, seq_len, keep_first, window, key_lo, qk_scale,
             stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
             visits_ptr, stride_vis_t, stride_vis_h, offs_d, d_valid,
             TILE_N, KV_BLOCK_SIZE, COUNT_TILES,
@@ -181,7 +187,7 @@ def _swaa_paged_kernel(
     for tile in range(window_tile, end_tile):
         m_i, l_i, acc = _tile_step(
             tile, m_i, l_i, acc, q, pos, row_full, row_valid, token, head,
-            k_ptr, v_ptr, block_row_ptr, kv_head, seq_len, keep_first, window, qk_scale,
+            k_ptr, v_ptr, block_row_ptr, kv_head, seq_len, keep_first, window, key_lo, qk_scale,
             stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
             visits_ptr, stride_vis_t, stride_vis_h, offs_d, d_valid,
             TILE_N, KV_BLOCK_SIZE, COUNT_TILES,

@@ -87,7 +87,8 @@ class SwaaPlan:
             if spec.is_full:
                 key = "full attention"
             else:
-                decode = "full-attention decode" if spec.fa_decode else "sliding decode"
+                # Sliding-decode layers get the sink-window KV cache spec (swaa_vllm/sink_window_cache.py).
+                decode = "full-attention decode" if spec.fa_decode else "sliding decode, KV freed outside sinks+window"
                 key = f"sliding W={spec.window} k={spec.keep_first}, {decode}"
             groups.setdefault(key, []).append(i)
         parts = [f"{key}: layers {_ranges(idx)} ({len(idx)})" for key, idx in groups.items()]

@@ -50,6 +50,10 @@ there, so a vLLM upgrade that makes a shim unnecessary (or breaks it) fails CI.
    backend on CPU, shim 3 swaps ``"ray"`` for
    :class:`swaa_vllm.platforms.ray_executor.SwaaCpuRayExecutor`, vLLM's own (V2) Ray executor
    with the CPU resource named (explained in that module). ``use_ray`` stays true.
+7. **KV cache spec registration order.** Not a change to vLLM: the sink-window KV
+   cache spec and manager (:mod:`swaa_vllm.sink_window_cache`) are registered in
+   vLLM's KV cache spec registry, whose lazy registration of the built-in specs runs
+   only while the registry is empty; the built-ins are registered first.
 """
 
 from __future__ import annotations
@@ -273,3 +277,6 @@ def install() -> None:
     _patch_cpu_platform()
     _patch_cuda_platform()
     _patch_block_hash_extra_keys()
+    from swaa_vllm.sink_window_cache import register_sink_window_spec
+
+    register_sink_window_spec()  # 7

@@ -14,6 +14,10 @@ The worker class is selected through vLLM's own ``parallel_config.worker_cls``
 setting (done by :mod:`swaa_vllm.vllm_shims` when the backend is ``swaa``).
 Mirrors ``vllm/v1/worker/cpu_worker.py`` and ``vllm/v1/worker/gpu_worker.py``.
 
+Both workers also hand vLLM a sink-window KV cache spec for the layers that slide
+while decoding (:class:`SinkWindowKVWorkerMixin`, :mod:`swaa_vllm.sink_window_cache`),
+so vLLM frees their blocks outside the sinks and the window.
+
 Both workers also answer ``collective_rpc("swaa_attention_report")``
 (:class:`AttentionReportMixin`): which attention each layer runs on that worker, with
 its share of the heads and the mask it applied. It is how an operator (and
@@ -35,7 +39,13 @@ from swaa_vllm.prompt_lengths import bind_prompt_lengths
 
 logger = init_logger("vllm.swaa")  # under "vllm" so that vLLM's log config shows it
 
-__all__ = ["AttentionReportMixin", "PromptLengthsWorkerMixin", "SwaaCPUWorker", "SwaaGPUWorker"]
+__all__ = [
+    "AttentionReportMixin",
+    "PromptLengthsWorkerMixin",
+    "SinkWindowKVWorkerMixin",
+    "SwaaCPUWorker",
+    "SwaaGPUWorker",
+]
 
 
 class PromptLengthsWorkerMixin:
@@ -50,6 +60,35 @@ class PromptLengthsWorkerMixin:
     def initialize_from_config(self, kv_cache_config) -> None:
         super().initialize_from_config(kv_cache_config)
         logger.info_once("SWAA backend on %s.", bind_prompt_lengths(self.model_runner).describe())
+
+
+class SinkWindowKVWorkerMixin:
+    """Worker mixin: layers that slide while decoding get a :class:`~swaa_vllm.sink_window_cache.SinkWindowSpec`.
+
+    ``get_kv_cache_spec`` is the worker call through which vLLM's engine collects the
+    per-layer KV cache specs of every worker (``Executor.get_kv_cache_specs``, 0.32 and
+    0.33) before it sizes the KV cache and builds the scheduler's managers; the model
+    runner (V1 or V2) builds its KV cache groups from what comes back. Layers are
+    matched to the plan by their global index (their name), so a pipeline stage
+    converts exactly its own layers.
+    """
+
+    def get_kv_cache_spec(self):
+        from swaa_vllm.config import plan_from_hf_config
+        from swaa_vllm.sink_window_cache import sink_window_kv_specs
+
+        specs = super().get_kv_cache_spec()
+        plan = plan_from_hf_config(self.vllm_config.model_config.hf_config)
+        disabled = bool(self.vllm_config.scheduler_config.disable_hybrid_kv_cache_manager)
+        specs, layers, reason = sink_window_kv_specs(specs, plan, disabled)
+        if layers:
+            logger.info_once(
+                "SWAA KV memory: layers %s slide while decoding and keep only their sink and window blocks "
+                "(sink-window KV cache spec); the other layers keep every block.", str(layers),
+            )
+        elif reason:
+            logger.warning_once("SWAA KV memory: layers that slide while decoding keep every block: %s.", reason)
+        return specs
 
 
 class AttentionReportMixin:
@@ -95,9 +134,9 @@ class AttentionReportMixin:
         }
 
 
-class SwaaCPUWorker(PromptLengthsWorkerMixin, AttentionReportMixin, CPUWorker):
+class SwaaCPUWorker(PromptLengthsWorkerMixin, SinkWindowKVWorkerMixin, AttentionReportMixin, CPUWorker):
     """vLLM's CPU worker (V1 or V2 model runner, as vLLM chooses) plus the SWAA mixins; no state of its own."""
 
 
-class SwaaGPUWorker(PromptLengthsWorkerMixin, AttentionReportMixin, Worker):
+class SwaaGPUWorker(PromptLengthsWorkerMixin, SinkWindowKVWorkerMixin, AttentionReportMixin, Worker):
     """vLLM's GPU worker (V1 or V2 model runner, as vLLM chooses) plus the SWAA mixins; no state of its own."""

@@ -49,8 +49,13 @@ def make_batch(
     block_size: int,
     dtype: torch.dtype = torch.float32,
     seed: int = 0,
+    null_block: bool = False,
 ) -> PagedBatch:
-    """Random queries and a paged cache for ``reqs`` (see the module docstring)."""
+    """Random queries and a paged cache for ``reqs`` (see the module docstring).
+
+    ``null_block``: block 0 is vLLM's null block (zeros, in no request's table), as in
+    a real cache, for tests that point block-table entries at it.
+    """
     gen = torch.Generator().manual_seed(seed)
     blocks_per_req = [-(-s // block_size) for s, _, _ in reqs]
     max_blocks = max(max(blocks_per_req), 1)
@@ -58,6 +63,9 @@ def make_batch(
     kv = torch.full((num_blocks, block_size, num_kv_heads, 2 * head_size), float("nan"), dtype=dtype)
     key_cache, value_cache = kv[..., :head_size], kv[..., head_size:]
     perm = torch.randperm(num_blocks, generator=gen)
+    if null_block:
+        kv[0] = 0.0
+        perm = perm[perm != 0]
     block_table = torch.zeros(len(reqs), max_blocks, dtype=torch.int32)
     dense_keys, dense_values = [], []
     used = 0
@@ -105,6 +113,40 @@ def reference_output(batch: PagedBatch, spec: LayerMaskSpec, scale: float) -> to
             batch.query[starts[r] : starts[r + 1]], batch.dense_keys[r], batch.dense_values[r], mask, scale
         )
     return out
+
+
+def poison_freed_blocks(batch: PagedBatch, spec: LayerMaskSpec) -> int:
+    """NaN into the blocks vLLM's sink-window manager would have freed; returns how many.
+
+    For a layer that slides while decoding, the blocks of request ``r`` that no query
+    at a position ``>= seq_len - q_len`` can see (``swaa_vllm.sink_window_cache.gap_blocks``,
+    restated here: fully inside ``[k, first_query - W + 1)``) are freed by the KV manager
+    while the worker's block table still names them. An attention that loads one, even
+    under a zero weight, turns NaN.
+    """
+    if spec.window is None or spec.fa_decode:
+        return 0
+    block_size = batch.key_cache.shape[1]
+    poisoned = 0
+    for r, (seq_len, q_len, _) in enumerate(batch.reqs):
+        first_query = seq_len - q_len
+        for b in range(-(-spec.keep_first // block_size), max(0, first_query - spec.window + 1) // block_size):
+            block = int(batch.block_table[r, b])
+            batch.key_cache[block] = float("nan")
+            batch.value_cache[block] = float("nan")
+            poisoned += 1
+    return poisoned
+
+
+# Layers that slide while decoding (their KV is freed outside sinks and window), for the freed-block tests.
+SLIDING_DECODE_SPECS = {
+    "W1_k0": LayerMaskSpec(1, 0, False),
+    "W5_k3": LayerMaskSpec(5, 3, False),
+    "W4_k10_k_ge_W": LayerMaskSpec(4, 10, False),
+    "W16_k2": LayerMaskSpec(16, 2, False),
+}
+# Requests whose first query is far past sinks + window, so blocks between are freed.
+LONG_BATCH = [(90, 1, 40), (100, 30, 100), (77, 12, 50), (64, 1, 64)]
 
 
 # Edge-case batch shared by the GPU-path tests: (seq_len, q_len, prompt_len) per request

@@ -23,7 +23,15 @@ from swaa_kernels.flash_attn_path import (
     lse_merge,
     sink_attention,
 )
-from tests.paged_cases import EDGE_BATCH, EDGE_SPECS, make_batch, reference_output
+from tests.paged_cases import (
+    EDGE_BATCH,
+    EDGE_SPECS,
+    LONG_BATCH,
+    SLIDING_DECODE_SPECS,
+    make_batch,
+    poison_freed_blocks,
+    reference_output,
+)
 
 TOL = {"atol": 1e-5, "rtol": 1e-5}
 
@@ -68,6 +76,21 @@ def test_matches_reference(name, heads):
     spec, scale = SPECS[name], head_size**-0.5
     out = flash_attn_swaa_attention(*batch.kernel_args(), spec, scale, window_fn=reference_window_fn)
     torch.testing.assert_close(out.double(), reference_output(batch, spec, scale), **TOL)
+
+
+@pytest.mark.parametrize("name", list(SLIDING_DECODE_SPECS))
+def test_freed_blocks_never_reach_the_window_call(name):
+    """Freed blocks hold NaN; the stand-in, like flash-attn, loads every key up to seqused_k of its table.
+
+    flash-attn loads whole key tiles and masks inside them, so a tile can start before a
+    row's window; the path points the block-table entries before the window at vLLM's
+    null block (block 0), whose keys are finite and masked.
+    """
+    spec = SLIDING_DECODE_SPECS[name]
+    batch = make_batch(LONG_BATCH, 4, 2, 32, 8, seed=17, null_block=True)
+    assert poison_freed_blocks(batch, spec) > 0
+    out = flash_attn_swaa_attention(*batch.kernel_args(), spec, 32**-0.5, window_fn=reference_window_fn)
+    torch.testing.assert_close(out.double(), reference_output(batch, spec, 32**-0.5), **TOL)
 
 
 def test_calls_window_and_full():

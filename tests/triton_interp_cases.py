@@ -32,7 +32,15 @@ from hypothesis import strategies as st
 
 from swaa_kernels.cpu import LayerMaskSpec
 from swaa_kernels.triton_swaa import triton_paged_swaa_attention
-from tests.paged_cases import EDGE_BATCH, EDGE_SPECS, make_batch, reference_output
+from tests.paged_cases import (
+    EDGE_BATCH,
+    EDGE_SPECS,
+    LONG_BATCH,
+    SLIDING_DECODE_SPECS,
+    make_batch,
+    poison_freed_blocks,
+    reference_output,
+)
 
 TOL = {torch.float32: {"atol": 1e-4, "rtol": 1e-4}, torch.float16: {"atol": 1e-2, "rtol": 1e-2}}
 
@@ -68,6 +76,16 @@ def test_specs_gqa2_head64(name):
 )
 def test_shapes(num_heads, num_kv_heads, head_size, block_size, spec_name, launch):
     _check(make_batch(BATCH[:4], num_heads, num_kv_heads, head_size, block_size, seed=2), SPECS[spec_name], **launch)
+
+
+@pytest.mark.parametrize("tile_n", [16, 32])
+@pytest.mark.parametrize("name", list(SLIDING_DECODE_SPECS))
+def test_freed_blocks_are_never_loaded(name, tile_n):
+    """Blocks the sink-window KV manager freed hold NaN; key tiles wider than a block must not load them."""
+    spec = SLIDING_DECODE_SPECS[name]
+    batch = make_batch(LONG_BATCH, 4, 2, 64, 8, seed=6)
+    assert poison_freed_blocks(batch, spec) > 0
+    _check(batch, spec, block_m=16, tile_n=tile_n)
 
 
 def test_float16():
