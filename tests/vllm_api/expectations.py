@@ -5,6 +5,7 @@ on a GPU: ``swaa_vllm/__init__.py`` (plugin entry point), ``swaa_vllm/vllm_shims
 (shims 1, 4 and 5, and shim 2/3's patching of ``CpuPlatform``, which ``install()``
 does in every process), ``swaa_vllm/config.py`` (no vLLM import), ``swaa_vllm/backend.py``,
 ``swaa_vllm/platforms/cuda_path.py``, ``swaa_vllm/worker.py``, ``swaa_vllm/prompt_lengths.py``,
+``swaa_vllm/sink_window_cache.py``,
 ``kernels/flash_attn_path.py`` and ``kernels/triton_swaa.py`` (no vLLM import), plus
 the module imports ``swaa_vllm/platforms/cpu_attention_op.py`` does at import time (``backend.py``
 imports it on every platform) and the public API of the Ray Data pipeline
@@ -113,6 +114,8 @@ _REGISTRY = "vllm.v1.attention.backends.registry"
 _ATTN_LAYER = "vllm.model_executor.layers.attention.attention"
 _V1_RUNNER = "vllm.v1.worker.gpu_model_runner"
 _V2_RUNNER = "vllm.v1.worker.gpu.model_runner"
+_STM = "vllm.v1.core.single_type_kv_cache_manager"
+_SWC = "swaa_vllm/sink_window_cache.py"
 _FA_UTILS = "vllm.v1.attention.backends.fa_utils"
 # The methods SwaaAttentionBackend defines in swaa_vllm/backend.py (tests/test_vllm_api.py keeps it in sync).
 _SWAA_BACKEND_METHODS = (
@@ -399,6 +402,70 @@ EXPECTATIONS: tuple[Expect, ...] = (
     cls("vllm.v1.worker.utils", "AttentionGroup", used_by="swaa_vllm/prompt_lengths.py: runner.attn_groups entries"),
     attribute("vllm.v1.worker.utils", "AttentionGroup.metadata_builders",
               used_by="swaa_vllm/prompt_lengths.py: the SWAA builders to bind"),
+    # -- sink-aware KV memory (swaa_vllm/sink_window_cache.py, swaa_vllm/worker.py SinkWindowKVWorkerMixin)
+    function("vllm.utils.math_utils", "cdiv", used_by=_SWC + ": block arithmetic"),
+    attribute("vllm.v1.core.kv_cache_utils", "BlockHashList", used_by=_SWC + ": find_longest_cache_hit signature"),
+    cls("vllm.v1.core.kv_cache_utils", "KVCacheBlock", used_by=_SWC + ": block lists"),
+    function("vllm.v1.core.kv_cache_utils", "resolve_block_hashes",
+             ("block_hashes", "hash_block_size", "block_size", "alignment_tokens"), used_by=_SWC + ": hit lookup"),
+    cls(_STM, "SingleTypeKVCacheManager", used_by=_SWC + ": SinkWindowManager's base"),
+    abstracts(_STM, "SingleTypeKVCacheManager",
+              ("__init__", "_gap", "remove_skipped_blocks", "get_num_blocks_to_allocate", "add_local_computed_blocks",
+               "allocate_external_computed_blocks", "find_longest_cache_hit", "reachable_block_mask"),
+              used_by=_SWC + ": SinkWindowManager"),
+    method(_STM, "SingleTypeKVCacheManager.remove_skipped_blocks",
+           ("request_id", "processed_computed_tokens", "num_prompt_tokens"), used_by=_SWC + ": frees the gap"),
+    method(_STM, "SingleTypeKVCacheManager.get_num_blocks_to_allocate",
+           ("request_id", "num_tokens", "new_computed_blocks", "total_computed_tokens", "num_local_computed_tokens",
+            "num_tokens_main_model", "apply_admission_cap", "prefill_end"), used_by=_SWC + ": overridden"),
+    method(_STM, "SingleTypeKVCacheManager.add_local_computed_blocks",
+           ("request_id", "new_computed_blocks", "num_local_computed_tokens", "num_external_computed_tokens"),
+           used_by=_SWC + ": overridden (prefix hits with a null gap)"),
+    method(_STM, "SingleTypeKVCacheManager.allocate_external_computed_blocks",
+           ("request_id", "num_local_computed_tokens", "num_external_computed_tokens"), used_by=_SWC + ": refused"),
+    method(_STM, "SingleTypeKVCacheManager.reachable_block_mask",
+           ("start_block", "end_block", "alignment_tokens", "kv_cache_spec", "use_eagle"),
+           decorators=("classmethod",), used_by=_SWC + ": dense caching"),
+    method(_STM, "SingleTypeKVCacheManager.find_longest_cache_hit",
+           ("block_hashes", "max_length", "kv_cache_group_ids", "block_pool", "kv_cache_spec", "drop_eagle_block",
+            "alignment_tokens"), decorators=("classmethod",), used_by=_SWC + ": hit lookup"),
+    method(_STM, "SingleTypeKVCacheManager._remove_blocks_in_range", ("request_id", "first_block", "last_block"),
+           used_by=_SWC + ": frees a block range to the null block"),
+    method(_STM, "SingleTypeKVCacheManager._get_num_evictable_blocks", ("blocks",), used_by=_SWC + ": admission"),
+    attribute(_STM, "SingleTypeKVCacheManager.req_to_blocks", used_by=_SWC + ": the request's block list"),
+    attribute(_STM, "SingleTypeKVCacheManager.num_cached_block", used_by=_SWC + ": running-request test"),
+    attribute(_STM, "SingleTypeKVCacheManager._null_block", used_by=_SWC + ": freed entries"),
+    attribute(_STM, "SingleTypeKVCacheManager.max_admission_blocks_per_request", used_by=_SWC + ": admission cap"),
+    source(_STM, "get_manager_for_kv_cache_spec", "kv_cache_spec.max_admission_blocks_per_request(",
+           used_by=_SWC + ": a SlidingWindowSpec subclass gets its admission cap"),
+    source("vllm.v1.core.kv_cache_manager", "KVCacheManager.allocate_slots", "self.coordinator.remove_skipped_blocks(",
+           used_by=_SWC + ": frees run before each allocation (the bound)"),
+    method("vllm.v1.core.block_pool", "BlockPool.get_cached_block", ("block_hash", "kv_cache_group_ids"),
+           used_by=_SWC + ": hit lookup"),
+    attribute("vllm.v1.core.block_pool", "BlockPool.null_block", used_by=_SWC + ": hit lookup"),
+    attribute("vllm.v1.core.block_pool", "BlockPool.hash_block_size", used_by=_SWC + ": hit lookup"),
+    cls("vllm.v1.kv_cache_interface", "KVCacheSpec", used_by=_SWC + ": spec types"),
+    cls("vllm.v1.kv_cache_interface", "FullAttentionSpec", used_by=_SWC + ": the specs converted"),
+    cls("vllm.v1.kv_cache_interface", "SlidingWindowSpec", used_by=_SWC + ": SinkWindowSpec's base"),
+    attribute("vllm.v1.kv_cache_interface", "SlidingWindowSpec.extra_retained_tokens", used_by=_SWC + ": the gap"),
+    method("vllm.v1.kv_cache_interface", "SlidingWindowSpec.max_admission_blocks_per_request",
+           ("max_in_flight_tokens", "max_model_len"), used_by=_SWC + ": overridden (sinks added)"),
+    source("vllm.v1.kv_cache_interface", "SlidingWindowSpec.max_memory_usage_bytes",
+           "self.max_admission_blocks_per_request(", used_by=_SWC + ": start-up capacity uses the cap"),
+    method("vllm.v1.kv_cache_interface", "SlidingWindowSpec.is_uniform_with_collection", ("kv_cache_specs",),
+           used_by=_SWC + ": overridden"),
+    cls("vllm.v1.kv_cache_spec_registry", "KVCacheSpecRegistry", used_by=_SWC + ": registration"),
+    method("vllm.v1.kv_cache_spec_registry", "KVCacheSpecRegistry.register",
+           ("kvcache_spec_cls", "manager_class", "uniform_type_base_spec"), decorators=("classmethod",),
+           used_by=_SWC + ": registration"),
+    method("vllm.v1.kv_cache_spec_registry", "KVCacheSpecRegistry._ensure_registered", decorators=("classmethod",),
+           used_by=_SWC + ": built-ins first (shim 7)"),
+    method("vllm.v1.worker.gpu_worker", "Worker.get_kv_cache_spec",
+           used_by="swaa_vllm/worker.py: SinkWindowKVWorkerMixin converts the specs vLLM collects"),
+    source("vllm.v1.executor.abstract", "Executor.get_kv_cache_specs", 'collective_rpc("get_kv_cache_spec")',
+           used_by="swaa_vllm/worker.py: the engine collects specs from the worker method"),
+    attribute("vllm.config.scheduler", "SchedulerConfig.disable_hybrid_kv_cache_manager",
+              used_by="swaa_vllm/worker.py: mixed plans need the hybrid KV cache manager"),
     # -- the Ray Data pipeline's engine (swaa_vllm/batch/ray_data.py, also on GPU replicas; finetuning/distill.py too)
     cls("vllm", "LLM", used_by="swaa_vllm/batch/ray_data.py, finetuning/distill.py: one engine per replica"),
     cls("vllm", "SamplingParams", used_by="swaa_vllm/batch/ray_data.py, finetuning/distill.py: sampling options"),
