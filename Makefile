@@ -7,6 +7,7 @@
 #   make finetune  SWA-aware LoRA fine-tuning of the bundled model (self-distilled data) -> adapters/recipe_w128
 #   make eval-lora the accuracy harness with LoRA rows (trains 4 adapters first) -> benchmarks/results/accuracy_lora.*
 #   make bench   CPU speed: SWAA against vLLM's CPU_ATTN, prefill and decode -> benchmarks/results/cpu_e2e.{md,json,png}
+#   make bench-kv  KV memory of the plans at a fixed KV budget: bytes/request, admitted concurrency -> benchmarks/results/kv_memory.*
 #   make check-vllm-gpu-api  the vLLM interfaces the GPU path uses exist in the CUDA wheel (VLLM_GPU_VERSION, 0.33.*): AST only, no GPU
 # Variables: PORT (8000), HOST (127.0.0.1), SWAA_CONFIG (JSON), PYTHON (python3.11 or python3).
 
@@ -23,7 +24,7 @@ SWAA_CONFIG ?= {"sliding_window_size": 512, "keep_first": 64, "force_fa_decode":
 export VLLM_CPU_KVCACHE_SPACE ?= 2
 STAMP  := $(VENV)/.installed
 
-.PHONY: install serve test lint sweep eval bench model clean finetune eval-lora check-vllm-gpu-api
+.PHONY: install serve test lint sweep eval bench bench-kv model clean finetune eval-lora check-vllm-gpu-api
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -63,7 +64,7 @@ test: lint
 # The longer scheduler-situation sweep (tests/test_matrix.py SWEEP_CASES), on demand.
 sweep: $(STAMP)
 	$(VENV)/bin/swaa-vllm-prepare-model
-	SWAA_MATRIX=full $(PY) -m pytest tests/test_matrix.py
+	SWAA_MATRIX=full $(PY) -m pytest tests/test_matrix.py tests/test_sink_window_kv.py
 
 # The paper's ablation as retrieval accuracy (benchmarks/accuracy_grid.py; EVAL_ARGS=--quick for a 1-minute check).
 eval: $(STAMP)
@@ -107,6 +108,12 @@ clean:
 VLLM_GPU_VERSION ?= 0.33.*
 VLLM_WHEELS  := .cache/vllm-wheels
 VLLM_GPU_SRC := .cache/vllm-gpu-src
+
+# KV memory of SWAA plans at one KV budget (benchmarks/kv_memory.py, ~20 min on 2 cores; BENCH_KV_ARGS="--models bundled"
+# for the bundled model only): bytes per request, vLLM's admitted concurrency, preemptions under concurrent requests.
+bench-kv: $(STAMP)
+	$(VENV)/bin/swaa-vllm-prepare-model
+	$(PY) benchmarks/kv_memory.py $(BENCH_KV_ARGS)
 
 check-vllm-gpu-api: $(STAMP)
 	@mkdir -p $(VLLM_WHEELS)

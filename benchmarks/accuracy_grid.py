@@ -258,6 +258,27 @@ def _adapter_summary(adapter: str) -> dict:
             **{k: summary[k] for k in keep if k in summary}}
 
 
+def _shape(model_dir: Path) -> dict:
+    """The model's cost-model shape (swaa_vllm/evaluation/costs.py) for the report's cost columns."""
+    from dataclasses import asdict
+
+    from swaa_vllm.evaluation.costs import ModelShape
+
+    return asdict(ModelShape.from_config(json.loads((model_dir / "config.json").read_text())))
+
+
+def rerender(path: Path, model_dir: Path, plot_png: bool) -> list[Path]:
+    """Rewrite the markdown (and plot) of a results JSON, adding the model shape if it lacks one.
+
+    The measured records are unchanged; only derived columns (the cost table) are added.
+    """
+    results = json.loads(path.read_text())
+    results["meta"].setdefault("shape", _shape(model_dir))
+    from swaa_vllm.evaluation import report
+
+    return report.write_all(results, path.parent, plot_png=plot_png, stem=path.stem)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true",
@@ -281,6 +302,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--lora-windows", type=str, default=",".join(map(str, LORA_WINDOWS)))
     p.add_argument("--adapters-dir", type=Path, default=REPO / "adapters")
     p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--rerender", type=Path, default=None, metavar="JSON",
+                   help="only rewrite the report of an existing results JSON (e.g. after adding report columns)")
     p.add_argument("--verbose", action="store_true", help="keep vLLM's logs (default: errors only)")
     args = p.parse_args(argv)
     if args.quick:
@@ -293,6 +316,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict:
     """Run the grid; returns the results dictionary it wrote."""
     args = parse_args(argv)
+    if args.rerender is not None:
+        from swaa_vllm.models.bundled import prepare_model
+
+        paths = rerender(args.rerender, prepare_model(), plot_png=not args.no_plot)
+        print(f"wrote {', '.join(str(p) for p in paths)}")
+        return json.loads(args.rerender.read_text())
     if not args.verbose:
         # vLLM warns once per weight about the float32 checkpoint loaded into bfloat16 (~300 lines per
         # engine), which buries the progress bar.
@@ -344,6 +373,7 @@ def main(argv: list[str] | None = None) -> dict:
             "machine": _machine(),
             "model": model_dir.name,
             "num_layers": num_layers,
+            "shape": _shape(model_dir),
             "dtype": args.dtype,
             "backend": "swaa (full attention = swaa without swaa_config)",
             "engine": {"enforce_eager": True, "max_model_len": max_model_len, "kv_cache_memory_bytes": 1 << 30,

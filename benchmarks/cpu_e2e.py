@@ -44,6 +44,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from swaa_vllm.evaluation.costs import ModelShape
+from swaa_vllm.evaluation.costs import prefill_flops as costs_prefill_flops
 from swaa_vllm.evaluation.recipes import full_layer_indices
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -83,49 +85,12 @@ def configs(num_layers: int) -> list[Config]:
 # ---------------------------------------------------------------------------
 
 
-@dataclass
-class Shape:
-    """The numbers of a Llama-architecture config the FLOP model needs."""
-
-    hidden: int
-    layers: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    intermediate: int
-    vocab: int
-
-    @classmethod
-    def from_config(cls, cfg: dict) -> Shape:
-        heads = cfg["num_attention_heads"]
-        return cls(cfg["hidden_size"], cfg["num_hidden_layers"], heads, cfg.get("num_key_value_heads", heads),
-                   cfg.get("head_dim") or cfg["hidden_size"] // heads, cfg["intermediate_size"], cfg["vocab_size"])
-
-    def linear_flops_per_token(self) -> float:
-        """2 * parameters touched per token in one forward (projections and MLP, all layers)."""
-        q_o = 2 * self.hidden * self.heads * self.head_dim
-        k_v = 2 * self.hidden * self.kv_heads * self.head_dim
-        mlp = 3 * self.hidden * self.intermediate
-        return 2.0 * self.layers * (q_o + k_v + mlp)
-
-
-def _visible_pairs(n: int, layer: tuple[int, int] | None) -> float:
-    """Query-key pairs a prompt of n tokens attends in one layer (SWAA mask, shared/SWAA.md)."""
-    full = n * (n + 1) / 2
-    if layer is None:
-        return full
-    w, k = layer
-    span = w + k  # rows i >= W + k see k sinks + W window keys; earlier rows see i + 1 keys
-    if n <= span:
-        return full
-    return span * (span + 1) / 2 + (n - span) * span
+Shape = ModelShape  # the cost model's shape (swaa_vllm/evaluation/costs.py)
 
 
 def prefill_flops(shape: Shape, config: Config, n: int) -> float:
-    """FLOPs of prefilling n tokens: linear layers, attention over the visible keys, one logits row."""
-    attention = sum(4.0 * shape.heads * shape.head_dim * _visible_pairs(n, layer)
-                    for layer in config.layer_visible(shape.layers))
-    return n * shape.linear_flops_per_token() + attention + 2.0 * shape.vocab * shape.hidden
+    """FLOPs of prefilling n tokens under ``config`` (:func:`swaa_vllm.evaluation.costs.prefill_flops`)."""
+    return costs_prefill_flops(shape, config.layer_visible(shape.layers), n)
 
 
 def decode_flops(shape: Shape, config: Config, context: int) -> float:

@@ -39,14 +39,18 @@ TOL = {torch.bfloat16: 3e-2, torch.float16: 5e-3}
 
 
 def make_batch(reqs, num_heads, num_kv_heads, head_size, dtype, block_size=16, seed=0):
-    """Random paged batch; returns kernel args (device) and dense per-request K/V."""
+    """Random paged batch; returns kernel args (device) and dense per-request K/V.
+
+    Block 0 is vLLM's null block (zeros, in no request's table).
+    """
     gen = torch.Generator(device=DEV).manual_seed(seed)
     nblk = [-(-s // block_size) for s, _, _ in reqs]
     num_blocks = sum(nblk) + 8
     kv = torch.randn(num_blocks, num_kv_heads, block_size, 2 * head_size, device=DEV, generator=gen).to(dtype)
+    kv[0] = 0
     key_cache = kv.permute(0, 2, 1, 3)[..., :head_size]  # head-major memory, as vLLM's LBHNC
     value_cache = kv.permute(0, 2, 1, 3)[..., head_size:]
-    perm = torch.randperm(num_blocks, device=DEV, generator=gen).int()
+    perm = torch.randperm(num_blocks - 1, device=DEV, generator=gen).int() + 1
     table = torch.zeros(len(reqs), max(nblk), dtype=torch.int32, device=DEV)
     used, dense = 0, []
     for r, (seq_len, _, _) in enumerate(reqs):
@@ -100,9 +104,42 @@ def main() -> int:
                 failures += not ok
                 print(f"{'ok  ' if ok else 'FAIL'} {name:10s} H={heads} Hkv={kv_heads} D={head_size} {dtype} "
                       f"{spec}: max abs err {err:.2e}", flush=True)
+    failures += check_freed_blocks()
     failures += check_cuda_graph_decode()
     failures += time_prefill_kernels()
     return 1 if failures else 0
+
+
+def check_freed_blocks() -> int:
+    """Sliding-decode layers: blocks the sink-window KV manager frees hold NaN; neither path may load one.
+
+    The freed blocks of a request: fully inside ``[k, first_query - W + 1)``
+    (``swaa_vllm/sink_window_cache.gap_blocks``); the worker's block table still names them.
+    """
+    failures = 0
+    spec, block_size = LayerMaskSpec(512, 100, False), 16
+    query, kc, vc, table, qsl, seq_lens, prompt_lens, dense = make_batch(REQS, 32, 8, 128, torch.bfloat16)
+    poisoned = 0
+    for r, (seq_len, q_len, _) in enumerate(REQS):
+        first = -(-spec.keep_first // block_size)
+        end = max(0, seq_len - q_len - spec.window + 1) // block_size
+        for b in range(first, end):
+            kc[table[r, b].long()] = float("nan")
+            vc[table[r, b].long()] = float("nan")
+            poisoned += 1
+    ref = reference(query, qsl.tolist(), REQS, dense, spec, 128**-0.5)
+    results = {"triton": triton_paged_swaa_attention(query, kc, vc, table, qsl.to(DEV), seq_lens.to(DEV),
+                                                     prompt_lens.to(DEV), spec, 128**-0.5, max_query_len=3000)}
+    if FLASH_ATTN:
+        results["flash_attn"] = flash_attn_swaa_attention(query, kc, vc, table, qsl, seq_lens, prompt_lens, spec,
+                                                          128**-0.5)
+    for name, result in results.items():
+        err = (result.double() - ref).abs().max().item()
+        ok = err <= TOL[torch.bfloat16]  # NaN compares False
+        failures += not ok
+        print(f"{'ok  ' if ok else 'FAIL'} {name:10s} {poisoned} freed (NaN) blocks, {spec}: max abs err {err:.2e}",
+              flush=True)
+    return failures
 
 
 def check_cuda_graph_decode() -> int:

@@ -236,6 +236,26 @@ def test_report_files(tmp_path):
     assert len(paths) == 3
 
 
+def test_cost_table_quotes_speed_and_memory_beside_accuracy():
+    """The cost columns by hand: an 8k request, 16-token blocks, 2048-token chunks, a 4-layer shape."""
+    results = _fake_results()
+    results["meta"]["shape"] = {"hidden": 64, "layers": 4, "heads": 2, "kv_heads": 1, "head_dim": 32,
+                                "intermediate": 128, "vocab": 100}
+    results["configs"][2]["swaa_config"] = {"sliding_window_size": 16, "keep_first": 4, "force_fa_decode": True}
+    lines = report.cost_table(results)
+    rows = {line.split(" | ")[0] + line.split(" | ")[1]: line for line in lines if line.startswith("| ")}
+    # W=8, no sinks, sliding decode: per layer ceil((8 - 1 + 2048) / 16) + 1 = 130 of 512 blocks.
+    assert rows["| SWA only8"].endswith(f"| {130 / 512:.3f}x |")
+    assert rows["| SWA only16"].endswith("| 1.000x |")  # FA decode keeps every block
+    assert rows["| full attention-"].endswith("| 1.00x | 1.000x |")
+    # Prefill bound at W=8: attention pairs (W(W+1)/2 + (n - W) W per layer) vs n(n+1)/2, plus the linear layers.
+    linear = 8192 * 2.0 * 4 * (2 * 64 * 2 * 32 + 2 * 64 * 32 + 3 * 64 * 128) + 2.0 * 100 * 64
+    attn = 4.0 * 2 * 32 * 4
+    bound = (linear + attn * 8192 * 8193 / 2) / (linear + attn * (8 * 9 / 2 + (8192 - 8) * 8))
+    assert f"| {bound:.2f}x |" in rows["| SWA only8"]
+    assert report.cost_table(_fake_results()) == []  # no shape recorded: no table
+
+
 # --- end to end --------------------------------------------------------------------------------------
 
 @pytest.mark.e2e

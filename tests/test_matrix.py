@@ -129,6 +129,21 @@ MAX_MODEL_LEN = 176
 NUM_BLOCKS = 14  # 224 token slots: the preempt wave needs ~2x that
 
 
+def _kv_cache_bytes(case: Case, model_dir: Path) -> int:
+    """Bytes of NUM_BLOCKS full-attention blocks of every layer: the same KV memory for every plan.
+
+    (Not ``num_gpu_blocks_override``: with sink-window layers vLLM's hybrid KV cache manager
+    splits the layers into groups, and a pool block then holds one layer per group.)
+    """
+    import json
+
+    cfg = json.loads((model_dir / "config.json").read_text())
+    heads = cfg["num_attention_heads"]
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
+    per_token = cfg["num_hidden_layers"] * cfg.get("num_key_value_heads", heads) * head_dim * 2
+    return NUM_BLOCKS * BLOCK * per_token * (4 if case.dtype == "float32" else 2)
+
+
 def _prompt_lengths(window: int) -> list[int]:
     lengths = {1, 2, window - 1, window, window + 1, 2 * window + 1, BLOCK - 1, BLOCK, BLOCK + 1, 2 * BLOCK,
                3 * BLOCK + 3}
@@ -173,8 +188,8 @@ def _run_engine(case: Case, model_dir: Path, waves: dict) -> tuple[dict, dict, d
 
     kwargs = dict(
         attention_backend="swaa", dtype=case.dtype, max_model_len=MAX_MODEL_LEN, block_size=BLOCK,
-        max_num_batched_tokens=case.token_budget, max_num_seqs=8, num_gpu_blocks_override=NUM_BLOCKS,
-        kv_cache_memory_bytes=1 << 28, disable_log_stats=False, enable_prefix_caching=True,
+        max_num_batched_tokens=case.token_budget, max_num_seqs=8,
+        kv_cache_memory_bytes=_kv_cache_bytes(case, model_dir), disable_log_stats=False, enable_prefix_caching=True,
         skip_tokenizer_init=case.model != "bundled", **case.engine_extra,
     )
     if case.swaa_config is not None:

@@ -371,8 +371,13 @@ def _tokens(rng: random.Random, n: int) -> list[int]:
     return [rng.randrange(2, tiny_models.VOCAB) for _ in range(n)]
 
 
+# V2 (~90 s here, its kernels in the Triton interpreter) in make sweep; make test's V2 matrix case
+# llama-r2-ngram-sliding-decode-mixed has a sliding-decode layer too (prefix hits, preemption, ngram drafts).
+MIXED_RUNNERS = ("v1", "v2") if os.environ.get("SWAA_MATRIX") == "full" else ("v1",)
+
+
 @pytest.mark.e2e
-@pytest.mark.parametrize("runner", ["v1", "v2"])
+@pytest.mark.parametrize("runner", MIXED_RUNNERS)
 def test_mixed_plan_exact_under_chunking_preemption_and_prefix_hits(runner, tiny_llama, monkeypatch):
     """Layer 0 full, 1-2 sliding decode (sink-window spec), 3 sliding with FA decode: two KV cache groups."""
     rng = random.Random(1)

@@ -90,6 +90,7 @@ def markdown(results: dict) -> str:
         cells = [format_cell(*summarize(recs, t)) for t in tasks]
         window = "-" if cfg["window"] is None else str(cfg["window"])
         lines.append(f"| {cfg['label']} | {window} | **{format_cell(*summarize(recs))}** | " + " | ".join(cells) + " |")
+    lines += cost_table(results)
     sweep = window_sweep(results)
     if sweep["windows"]:
         lines += ["", "## Accuracy against window (all tasks)", "",
@@ -107,6 +108,43 @@ def markdown(results: dict) -> str:
     lines += [f"- {k}: `{json.dumps(v) if not isinstance(v, str) else v}`" for k, v in meta.items()
               if k not in ("command", "date", "wall_s", "machine")]
     return "\n".join(lines) + "\n"
+
+
+# The request the cost columns describe: an 8k-token request in 16-token blocks, 2048-token prefill chunks.
+COST_TOKENS, COST_BLOCK, COST_CHUNK = 8192, 16, 2048
+
+
+def cost_table(results: dict) -> list[str]:
+    """Markdown lines: each configuration's accuracy beside its prefill FLOPs and KV memory (formulas).
+
+    From :mod:`swaa_vllm.evaluation.costs` for a :data:`COST_TOKENS`-token request and the model shape in
+    ``meta["shape"]`` (a :class:`~swaa_vllm.evaluation.costs.ModelShape` as a dict); empty without it.
+    Layers that slide while decoding keep only their sinks and window in the KV cache
+    (``swaa_vllm/sink_window_cache.py``).
+    """
+    from swaa_vllm.evaluation.costs import ModelShape, kv_blocks_per_request, prefill_speedup_bound
+
+    shape_fields = results["meta"].get("shape")
+    if not shape_fields:
+        return []
+    shape = ModelShape(**shape_fields)
+    full_kv = kv_blocks_per_request(None, shape.layers, COST_TOKENS, COST_BLOCK, COST_CHUNK)
+    lines = ["", "## Accuracy, prefill cost and KV memory", "",
+             f"Formulas (`swaa_vllm/evaluation/costs.py`) for a {COST_TOKENS}-token request, {COST_BLOCK}-token "
+             f"blocks and {COST_CHUNK}-token prefill chunks: prefill FLOPs of full attention over the plan's (the "
+             "bound `benchmarks/cpu_e2e.py` measures against), and KV cache the request holds against full "
+             "attention (layers that slide while decoding keep only sinks + window; `benchmarks/kv_memory.py` "
+             "measures it).", "",
+             "| configuration | W | all tasks | prefill speed-up bound | KV per request vs full |",
+             "|---|---|---|---|---|"]
+    for cfg in results["configs"]:
+        plan = cfg["swaa_config"]
+        speed = prefill_speedup_bound(shape, plan, COST_TOKENS)
+        kv = kv_blocks_per_request(plan, shape.layers, COST_TOKENS, COST_BLOCK, COST_CHUNK) / full_kv
+        window = "-" if cfg["window"] is None else str(cfg["window"])
+        lines.append(f"| {cfg['label']} | {window} | {format_cell(*summarize(cfg['records']))} | {speed:.2f}x | "
+                     f"{kv:.3f}x |")
+    return lines
 
 
 def window_sweep(results: dict) -> dict:
