@@ -332,11 +332,16 @@ def main() -> None:
         for r in m["results"]:
             r["ttft_s"] = {int(k): v for k, v in r["ttft_s"].items()}
     targets = [line for m in models for line in check_targets(m)]
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "cpu_e2e.json").write_text(json.dumps({"environment": env, "models": models}, indent=2))
-    text = report(models, env, targets)
-    (args.out / "cpu_e2e.md").write_text(text)
-    plot(models, args.out / "cpu_e2e.png")
+    write_results(args.out, "cpu_e2e", {"environment": env, "models": models}, report(models, env, targets),
+                  lambda path: plot(models, path))
+
+
+def write_results(out_dir: Path, stem: str, data: dict, text: str, plot_to) -> None:
+    """``<stem>.json`` (``data``), ``<stem>.md`` (``text``) and ``<stem>.png`` (``plot_to(path)``); prints the text."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{stem}.json").write_text(json.dumps(data, indent=2))
+    (out_dir / f"{stem}.md").write_text(text)
+    plot_to(out_dir / f"{stem}.png")
     print(text)
 
 

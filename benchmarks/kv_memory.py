@@ -48,7 +48,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cpu_e2e import environment, larger_model_dir  # noqa: E402  (benchmarks/ is not a package)
+from cpu_e2e import environment, larger_model_dir, write_results  # noqa: E402  (benchmarks/ is not a package)
 
 from swaa_vllm.evaluation.costs import kv_blocks_per_request  # noqa: E402
 from swaa_vllm.evaluation.recipes import swaa_config  # noqa: E402
@@ -292,12 +292,8 @@ def main() -> None:
                    for plan in plans(layers)]
         models.append({"name": name, "layers": layers, "kv_bytes": kv_mib << 20, "results": results})
     checks = [line for m in models for line in check(m)]
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "kv_memory.json").write_text(json.dumps({"environment": env, "models": models}, indent=2))
-    text = report(models, env, checks)
-    (args.out / "kv_memory.md").write_text(text)
-    plot(models, args.out / "kv_memory.png")
-    print(text)
+    write_results(args.out, "kv_memory", {"environment": env, "models": models}, report(models, env, checks),
+                  lambda path: plot(models, path))
 
 
 if __name__ == "__main__":

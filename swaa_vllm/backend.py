@@ -14,8 +14,10 @@ KV cache layout: vLLM's own CPU attention layout. vLLM allocates each layer
 (as for ``CPU_ATTN``); keys and values are written by vLLM's
 ``cpu_attn_reshape_and_cache`` op and read both by vLLM's C++ attention op (rows
 whose keys are one contiguous range) and by :mod:`swaa_kernels.cpu` (sink-window
-rows); see :mod:`swaa_vllm.platforms.cpu_attention_op`. Every layer keeps a full-attention KV
-spec, so vLLM never frees a block that FA decode will read.
+rows); see :mod:`swaa_vllm.platforms.cpu_attention_op`. Full and FA-decode layers keep a
+full-attention KV spec, so vLLM never frees a block that FA decode will read; layers that slide
+while decoding get the sink-window spec (:mod:`swaa_vllm.sink_window_cache`), whose freed blocks
+the attention paths never load.
 """
 
 from __future__ import annotations
