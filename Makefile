@@ -109,7 +109,7 @@ VLLM_GPU_VERSION ?= 0.33.*
 VLLM_WHEELS  := .cache/vllm-wheels
 VLLM_GPU_SRC := .cache/vllm-gpu-src
 
-# KV memory of SWAA plans at one KV budget (benchmarks/kv_memory.py, ~20 min on 2 cores; BENCH_KV_ARGS="--models bundled"
+# KV memory of SWAA plans at one KV budget (benchmarks/kv_memory.py, ~18 min on 2 cores; BENCH_KV_ARGS="--models bundled"
 # for the bundled model only): bytes per request, vLLM's admitted concurrency, preemptions under concurrent requests.
 bench-kv: $(STAMP)
 	$(VENV)/bin/swaa-vllm-prepare-model

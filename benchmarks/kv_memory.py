@@ -103,7 +103,8 @@ def measure(model: str, plan: Plan, num_layers: int, lengths: list[int], kv_byte
 
     kwargs = dict(attention_backend=plan.backend, dtype=dtype, enforce_eager=True, max_model_len=8192,
                   max_num_batched_tokens=CHUNK, max_num_seqs=16, kv_cache_memory_bytes=kv_bytes,
-                  enable_prefix_caching=False, disable_log_stats=False, load_format=load_format, seed=0)
+                  enable_prefix_caching=False, disable_log_stats=False, load_format=load_format, seed=0,
+                  skip_tokenizer_init=True)  # token-id prompts; the larger model has no tokenizer files
     if plan.swaa_config is not None:
         kwargs["hf_overrides"] = {"swaa_config": plan.swaa_config}
     llm = LLM(model, **kwargs)
@@ -219,18 +220,24 @@ def report(models: list[dict], env: dict, checks: list[str]) -> str:
 
 
 def check(model: dict) -> list[str]:
-    """The issue's targets for the all-sliding-decode plan against full attention."""
+    """The issue's targets for the all-sliding-decode plan against full attention.
+
+    Admission reserves the formula's bound (the +1 block of a window not starting on a block
+    boundary included), so the admitted concurrency matches the formula's ratio; the measured
+    peak may sit one block per layer below it.
+    """
     base = model["results"][0]
     slid = next(r for r in model["results"] if r["plan"] == "all layers sliding decode")
     n = max(base["per_request_bytes"])
     block = slid["block_size"]
     target = (SINKS + WINDOW + CHUNK + 2 * block) / n
     got = slid["per_request_bytes"][n] / base["per_request_bytes"][n]
+    formula = slid["formula_bytes"][n] / base["formula_bytes"][n]
     conc = slid["max_concurrency"] / base["max_concurrency"]
-    ok = "met" if got <= target else "NOT met"
+    ok = "met" if got <= target and formula <= target else "NOT met"
     return [f"{model['name']}: all-sliding-decode KV per {n}-token request = {got:.3f}x of full attention "
-            f"(target <= (k + W + c + 2B) / n = {target:.3f}): {ok}; admitted concurrency {conc:.2f}x "
-            f"(matching factor 1/{got:.3f} = {1 / got:.2f}x)"]
+            f"measured, {formula:.3f}x by the formula (target <= (k + W + c + 2B) / n = {target:.3f}): {ok}; "
+            f"admitted concurrency {conc:.2f}x (matching factor 1/{formula:.3f} = {1 / formula:.2f}x)"]
 
 
 def plot(models: list[dict], path: Path) -> None:
@@ -266,7 +273,18 @@ def main() -> None:
     parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                         help="auto: bfloat16 with native bf16 (AVX-512 BF16 / AMX), else float32")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--rerender", action="store_true", help="only rewrite the report from --out's kv_memory.json")
     args = parser.parse_args()
+    if args.rerender:
+        data = json.loads((args.out / "kv_memory.json").read_text())
+        for m in data["models"]:
+            for r in m["results"]:
+                for key in ("per_request_bytes", "formula_bytes"):
+                    r[key] = {int(k): v for k, v in r[key].items()}
+        checks = [line for m in data["models"] for line in check(m)]
+        write_results(args.out, "kv_memory", data, report(data["models"], data["environment"], checks),
+                      lambda path: plot(data["models"], path))
+        return
 
     from swaa_vllm.models.bundled import prepare_model
 
