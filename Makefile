@@ -20,7 +20,8 @@ PORT   ?= 8000
 # Default plan: the paper's recipe scaled to the 8k-context bundled model:
 # window 512, 64 sink tokens, full-attention decode, every other layer full.
 SWAA_CONFIG ?= {"sliding_window_size": 512, "keep_first": 64, "force_fa_decode": true, "non_sliding_layers": [1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29]}
-# KV cache size in GiB for the CPU build (vLLM's own variable); 2 GiB holds ~90k bf16 tokens of this model.
+# KV cache size in GiB for the CPU build (vLLM's own variable; it overrides kv_cache_memory_bytes on CPU);
+# 2 GiB holds ~46k float32 tokens of this model (make serve's dtype) with full-attention decode.
 export VLLM_CPU_KVCACHE_SPACE ?= 2
 STAMP  := $(VENV)/.installed
 

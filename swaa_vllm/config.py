@@ -87,8 +87,9 @@ class SwaaPlan:
             if spec.is_full:
                 key = "full attention"
             else:
-                # Sliding-decode layers get the sink-window KV cache spec (swaa_vllm/sink_window_cache.py).
-                decode = "full-attention decode" if spec.fa_decode else "sliding decode, KV freed outside sinks+window"
+                # Sliding-decode layers get the sink-window KV cache spec (swaa_vllm/sink_window_cache.py)
+                # unless the hybrid KV cache manager is off: the worker logs which layers free memory.
+                decode = "full-attention decode" if spec.fa_decode else "sliding decode"
                 key = f"sliding W={spec.window} k={spec.keep_first}, {decode}"
             groups.setdefault(key, []).append(i)
         parts = [f"{key}: layers {_ranges(idx)} ({len(idx)})" for key, idx in groups.items()]

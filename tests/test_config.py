@@ -111,7 +111,7 @@ def test_describe_groups_ranges():
     plan = build_plan({"sliding_window_size": 32, "keep_first": 2, "non_sliding_layers": [0, 1, 2, 5]}, 8)
     text = plan.describe()
     assert "full attention: layers [0-2, 5] (4)" in text
-    assert "sliding W=32 k=2, sliding decode, KV freed outside sinks+window: layers [3-4, 6-7] (4)" in text
+    assert "sliding W=32 k=2, sliding decode: layers [3-4, 6-7] (4)" in text
 
 
 def test_for_layer_outside_model_raises_index_error():
