@@ -34,6 +34,7 @@ Run: ``make bench`` (or ``.venv/bin/python benchmarks/cpu_e2e.py --help``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -41,10 +42,11 @@ import platform
 import random
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from swaa_vllm.evaluation.costs import ModelShape
+from swaa_vllm.evaluation.costs import ModelShape, prompt_masks
 from swaa_vllm.evaluation.costs import prefill_flops as costs_prefill_flops
 from swaa_vllm.evaluation.recipes import full_layer_indices
 
@@ -59,14 +61,6 @@ class Config:
     name: str
     backend: str
     swaa_config: dict | None
-
-    def layer_visible(self, num_layers: int):
-        """Per layer: (W, k) for a sliding layer, None for full attention."""
-        if self.swaa_config is None or self.swaa_config.get("sliding_window_size") is None:
-            return [None] * num_layers
-        full = set(self.swaa_config.get("non_sliding_layers", []))
-        w, k = self.swaa_config["sliding_window_size"], self.swaa_config.get("keep_first", 0)
-        return [None if layer in full else (w, k) for layer in range(num_layers)]
 
 
 def configs(num_layers: int) -> list[Config]:
@@ -90,7 +84,7 @@ Shape = ModelShape  # the cost model's shape (swaa_vllm/evaluation/costs.py)
 
 def prefill_flops(shape: Shape, config: Config, n: int) -> float:
     """FLOPs of prefilling n tokens under ``config`` (:func:`swaa_vllm.evaluation.costs.prefill_flops`)."""
-    return costs_prefill_flops(shape, config.layer_visible(shape.layers), n)
+    return costs_prefill_flops(shape, prompt_masks(config.swaa_config, shape.layers), n)
 
 
 def decode_flops(shape: Shape, config: Config, context: int) -> float:
@@ -125,10 +119,22 @@ def _timed(llm, prompt: list[int], max_tokens: int):
     return ttft, decode, wall
 
 
-def measure(model: str, config: Config, lengths: list[int], decode_context: int, decode_tokens: int,
-            load_format: str, seed: int) -> Measured:
+@contextlib.contextmanager
+def engine(model: str, **kwargs) -> Iterator:
+    """A vLLM ``LLM(model, **kwargs)``, its engine core shut down and memory released on exit."""
     from vllm import LLM
 
+    llm = LLM(model, **kwargs)
+    try:
+        yield llm
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+        del llm
+        gc.collect()
+
+
+def measure(model: str, config: Config, lengths: list[int], decode_context: int, decode_tokens: int,
+            load_format: str, seed: int) -> Measured:
     kwargs = dict(
         dtype="bfloat16",
         enforce_eager=True,
@@ -143,25 +149,20 @@ def measure(model: str, config: Config, lengths: list[int], decode_context: int,
     )
     if config.swaa_config is not None:
         kwargs["hf_overrides"] = {"swaa_config": config.swaa_config}
-    llm = LLM(model, **kwargs)
-    rng = random.Random(seed)
-    vocab = llm.llm_engine.model_config.get_vocab_size()
+    with engine(model, **kwargs) as llm:
+        rng = random.Random(seed)
+        vocab = llm.llm_engine.model_config.get_vocab_size()
 
-    def prompt(n: int) -> list[int]:
-        return [rng.randrange(100, vocab - 100) for _ in range(n)]
+        def prompt(n: int) -> list[int]:
+            return [rng.randrange(100, vocab - 100) for _ in range(n)]
 
-    result = Measured(config.name)
-    try:
+        result = Measured(config.name)
         _timed(llm, prompt(512), 4)  # warm-up
         for n in lengths:
             result.ttft_s[n], _, _ = _timed(llm, prompt(n), 1)
             print(f"  {config.name}: {n} tokens TTFT {result.ttft_s[n]:.2f} s", flush=True)
         _, result.decode_tok_s, _ = _timed(llm, prompt(decode_context), decode_tokens + 1)
         print(f"  {config.name}: decode at {decode_context} {result.decode_tok_s:.1f} tok/s", flush=True)
-    finally:
-        llm.llm_engine.engine_core.shutdown()
-        del llm
-        gc.collect()
     return result
 
 

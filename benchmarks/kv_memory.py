@@ -38,7 +38,6 @@ Results: ``benchmarks/results/kv_memory.{md,json,png}``.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import random
@@ -48,7 +47,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cpu_e2e import environment, larger_model_dir, write_results  # noqa: E402  (benchmarks/ is not a package)
+from cpu_e2e import engine, environment, larger_model_dir, write_results  # noqa: E402  (benchmarks/ is not a package)
 
 from swaa_vllm.evaluation.costs import kv_blocks_per_request  # noqa: E402
 from swaa_vllm.evaluation.recipes import swaa_config  # noqa: E402
@@ -99,7 +98,7 @@ def native_bf16() -> bool:
 def measure(model: str, plan: Plan, num_layers: int, lengths: list[int], kv_bytes: int, dtype: str,
             load_format: str, concurrent: tuple[int, int, int] | None) -> Measured:
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the scheduler is read in this process
-    from vllm import LLM, SamplingParams, TokensPrompt
+    from vllm import SamplingParams, TokensPrompt
 
     kwargs = dict(attention_backend=plan.backend, dtype=dtype, enforce_eager=True, max_model_len=8192,
                   max_num_batched_tokens=CHUNK, max_num_seqs=16, kv_cache_memory_bytes=kv_bytes,
@@ -107,9 +106,8 @@ def measure(model: str, plan: Plan, num_layers: int, lengths: list[int], kv_byte
                   skip_tokenizer_init=True)  # token-id prompts; the larger model has no tokenizer files
     if plan.swaa_config is not None:
         kwargs["hf_overrides"] = {"swaa_config": plan.swaa_config}
-    llm = LLM(model, **kwargs)
-    result = Measured(plan.name)
-    try:
+    with engine(model, **kwargs) as llm:
+        result = Measured(plan.name)
         core = llm.llm_engine.engine_core.engine_core
         scheduler = core.scheduler
         kv_config = scheduler.kv_cache_config
@@ -154,22 +152,20 @@ def measure(model: str, plan: Plan, num_layers: int, lengths: list[int], kv_byte
                   f"(formula {result.formula_bytes[n] / 2**20:.1f} MiB)", flush=True)
         if concurrent:
             count, prompt_len, out_len = concurrent
-            before = {m.name: getattr(m, "value", 0) for m in llm.get_metrics()}.get("vllm:num_preemptions", 0)
+            def preemptions() -> int:
+                return {m.name: getattr(m, "value", 0) for m in llm.get_metrics()}.get("vllm:num_preemptions", 0)
+
+            before = preemptions()
             peak["running"] = 0
             params = SamplingParams(max_tokens=out_len, temperature=0.0, ignore_eos=True, detokenize=False)
             start = time.perf_counter()
             llm.generate([TokensPrompt(prompt_token_ids=prompt(prompt_len)) for _ in range(count)], params,
                          use_tqdm=False)
             wall = time.perf_counter() - start
-            after = {m.name: getattr(m, "value", 0) for m in llm.get_metrics()}.get("vllm:num_preemptions", 0)
             result.concurrent = {"requests": count, "prompt_tokens": prompt_len, "output_tokens": out_len,
-                                 "preemptions": int(after - before), "max_running": peak["running"],
+                                 "preemptions": int(preemptions() - before), "max_running": peak["running"],
                                  "wall_s": wall, "output_tokens_per_s": count * out_len / wall}
             print(f"  {plan.name}: {count} x {prompt_len}+{out_len}: {result.concurrent}", flush=True)
-    finally:
-        llm.llm_engine.engine_core.shutdown()
-        del llm
-        gc.collect()
     return result
 
 

@@ -45,15 +45,16 @@ blocks).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 from vllm.logger import init_logger
 from vllm.utils.math_utils import cdiv
 from vllm.v1.core.kv_cache_utils import BlockHashList, KVCacheBlock, resolve_block_hashes
 from vllm.v1.core.single_type_kv_cache_manager import SingleTypeKVCacheManager
-from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheSpec, SlidingWindowSpec
+from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheSpec, SlidingWindowSpec, replace_as
 from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
 
+from swaa_kernels.cpu import LayerMaskSpec
 from swaa_vllm.config import SwaaPlan
 
 logger = init_logger("vllm.swaa")  # under "vllm" so that vLLM's log config shows it
@@ -235,9 +236,9 @@ class SinkWindowManager(SingleTypeKVCacheManager):
         block_size = kv_cache_spec.block_size
         block_hashes = resolve_block_hashes(block_hashes, block_pool.hash_block_size, block_size,
                                             alignment_tokens=alignment_tokens)
-        align = max(1, alignment_tokens // block_size) if alignment_tokens % block_size == 0 else None
-        if align is None:
+        if alignment_tokens % block_size:
             raise NotImplementedError(f"cache-hit alignment {alignment_tokens} is not a multiple of the block size")
+        align = alignment_tokens // block_size
         num_groups = len(kv_cache_group_ids)
         lookups: dict[int, list[KVCacheBlock] | None] = {}
 
@@ -257,11 +258,11 @@ class SinkWindowManager(SingleTypeKVCacheManager):
         else:
             m = max_blocks // align * align
             while True:
-                window_start = max(max(0, m * block_size - kv_cache_spec.sliding_window + 1) // block_size,
-                                   num_sink_blocks)
-                if m <= num_sink_blocks:
+                if m <= num_sink_blocks:  # a prefix of the (cached) sink blocks
                     window_start = m
                     break
+                window_start = max(max(0, m * block_size - kv_cache_spec.sliding_window + 1) // block_size,
+                                   num_sink_blocks)
                 miss = next((j for j in range(m - 1, window_start - 1, -1) if not cached(j)), None)
                 if miss is None:
                     break
@@ -312,21 +313,19 @@ def sink_window_kv_specs(kv_cache_spec: dict[str, KVCacheSpec], plan: SwaaPlan,
     """
     from vllm.model_executor.models.utils import extract_layer_index
 
-    candidates: dict[str, tuple[int, FullAttentionSpec]] = {}
-    for name, spec in kv_cache_spec.items():
+    candidates: dict[str, tuple[int, LayerMaskSpec]] = {}
+    for name in kv_cache_spec:
         index = extract_layer_index(name)
         mask = plan.for_layer(index)
-        if mask.is_full or mask.fa_decode:
-            continue
-        candidates[name] = (index, spec)
+        if not (mask.is_full or mask.fa_decode):
+            candidates[name] = (index, mask)
     if not candidates:
         return kv_cache_spec, [], None
-    plain = [
-        name for name, (_, spec) in candidates.items()
-        if type(spec) is FullAttentionSpec and spec.sliding_window is None
+    if not all(
+        type(spec) is FullAttentionSpec and spec.sliding_window is None
         and spec.attention_chunk_size is None and not spec.non_causal
-    ]
-    if len(plain) != len(candidates):
+        for spec in (kv_cache_spec[name] for name in candidates)
+    ):
         return kv_cache_spec, [], "their vLLM KV cache spec is not plain full attention"
     if hybrid_manager_disabled and len(candidates) != len(kv_cache_spec):
         return kv_cache_spec, [], (
@@ -334,9 +333,8 @@ def sink_window_kv_specs(kv_cache_spec: dict[str, KVCacheSpec], plan: SwaaPlan,
             "leave it enabled to free their memory"
         )
     specs = dict(kv_cache_spec)
-    skip = {"sliding_window", "attention_chunk_size", "non_causal"}
-    for name, (index, spec) in candidates.items():
-        mask = plan.for_layer(index)
-        kwargs = {f.name: getattr(spec, f.name) for f in fields(spec) if f.init and f.name not in skip}
-        specs[name] = SinkWindowSpec(**kwargs, sliding_window=mask.window, sink_tokens=mask.keep_first)
+    for name, (_, mask) in candidates.items():
+        # FullAttentionSpec's own fields beyond AttentionSpec (checked unset above) have no SinkWindowSpec twin.
+        specs[name] = replace_as(kv_cache_spec[name], SinkWindowSpec, drop=("attention_chunk_size", "non_causal"),
+                                 sliding_window=mask.window, sink_tokens=mask.keep_first)
     return specs, sorted({index for index, _ in candidates.values()}), None

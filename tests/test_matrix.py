@@ -137,10 +137,10 @@ def _kv_cache_bytes(case: Case, model_dir: Path) -> int:
     """
     import json
 
-    cfg = json.loads((model_dir / "config.json").read_text())
-    heads = cfg["num_attention_heads"]
-    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
-    per_token = cfg["num_hidden_layers"] * cfg.get("num_key_value_heads", heads) * head_dim * 2
+    from swaa_vllm.evaluation.costs import ModelShape
+
+    shape = ModelShape.from_config(json.loads((model_dir / "config.json").read_text()))
+    per_token = shape.layers * shape.kv_heads * shape.head_dim * 2
     return NUM_BLOCKS * BLOCK * per_token * (4 if case.dtype == "float32" else 2)
 
 

@@ -22,7 +22,8 @@ from dataclasses import dataclass
 
 from swaa_vllm.config import build_plan
 
-__all__ = ["ModelShape", "kv_blocks_per_request", "prefill_flops", "prefill_speedup_bound", "visible_pairs"]
+__all__ = ["ModelShape", "kv_blocks_per_request", "prefill_flops", "prefill_speedup_bound", "prompt_masks",
+           "visible_pairs"]
 
 
 @dataclass(frozen=True)
@@ -70,7 +71,12 @@ def prefill_flops(shape: ModelShape, layers: Sequence[tuple[int, int] | None], n
     return n * shape.linear_flops_per_token() + attention + 2.0 * shape.vocab * shape.hidden
 
 
-def _prompt_masks(swaa_config: dict | None, num_layers: int) -> list[tuple[int, int] | None]:
+def prompt_masks(swaa_config: dict | None, num_layers: int) -> list[tuple[int, int] | None]:
+    """Per layer, (W, k) if its prompt rows slide under ``swaa_config``, else None (the input of :func:`prefill_flops`).
+
+    Raises:
+        SwaaConfigError: an invalid ``swaa_config``.
+    """
     plan = build_plan(swaa_config, num_layers)
     return [None if spec.is_full else (spec.window, spec.keep_first) for spec in plan.layers]
 
@@ -78,7 +84,7 @@ def _prompt_masks(swaa_config: dict | None, num_layers: int) -> list[tuple[int, 
 def prefill_speedup_bound(shape: ModelShape, swaa_config: dict | None, n: int) -> float:
     """Full attention's prefill FLOPs over the plan's, for an n-token prompt (>= 1)."""
     return prefill_flops(shape, [None] * shape.layers, n) / prefill_flops(
-        shape, _prompt_masks(swaa_config, shape.layers), n)
+        shape, prompt_masks(swaa_config, shape.layers), n)
 
 
 def kv_blocks_per_request(swaa_config: dict | None, num_layers: int, n: int, block_size: int,
@@ -97,5 +103,5 @@ def kv_blocks_per_request(swaa_config: dict | None, num_layers: int, n: int, blo
         if spec.is_full or spec.fa_decode:
             total += every_block
         else:
-            total += min(max_sink_window_blocks(spec.window, spec.keep_first, block_size, chunk, n), every_block)
+            total += max_sink_window_blocks(spec.window, spec.keep_first, block_size, chunk, n)  # <= every_block
     return total

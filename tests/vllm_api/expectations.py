@@ -447,6 +447,8 @@ EXPECTATIONS: tuple[Expect, ...] = (
     cls("vllm.v1.kv_cache_interface", "KVCacheSpec", used_by=_SWC + ": spec types"),
     cls("vllm.v1.kv_cache_interface", "FullAttentionSpec", used_by=_SWC + ": the specs converted"),
     cls("vllm.v1.kv_cache_interface", "SlidingWindowSpec", used_by=_SWC + ": SinkWindowSpec's base"),
+    function("vllm.v1.kv_cache_interface", "replace_as", ("spec", "target_cls", "drop"),
+             used_by=_SWC + ": a layer's FullAttentionSpec rebuilt as SinkWindowSpec"),
     attribute("vllm.v1.kv_cache_interface", "SlidingWindowSpec.extra_retained_tokens", used_by=_SWC + ": the gap"),
     method("vllm.v1.kv_cache_interface", "SlidingWindowSpec.max_admission_blocks_per_request",
            ("max_in_flight_tokens", "max_model_len"), used_by=_SWC + ": overridden (sinks added)"),
