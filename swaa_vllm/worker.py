@@ -41,6 +41,7 @@ logger = init_logger("vllm.swaa")  # under "vllm" so that vLLM's log config show
 
 __all__ = [
     "AttentionReportMixin",
+    "PipelineReceiveBufferMixin",
     "PromptLengthsWorkerMixin",
     "SinkWindowKVWorkerMixin",
     "SwaaCPUWorker",
@@ -98,18 +99,23 @@ class AttentionReportMixin:
         """What attention each layer of this worker runs.
 
         Returns:
-            ``{"pid", "in_ray_actor", "rank", "tp_rank", "worker_cls", "layers"}``; ``layers`` maps
-            each attention layer name to ``{"impl", "num_heads", "num_kv_heads", "mask"}`` (heads on
-            this rank), ``mask`` being ``[window, keep_first, fa_decode]`` of the SWAA mask the layer
-            applied in a forward step on this worker (None before its first step, or for another impl).
+            ``{"pid", "in_ray_actor", "ray_node_id", "rank", "tp_rank", "pp_rank", "worker_cls", "layers"}``
+            (``ray_node_id``: the Ray node of the worker's actor, None outside Ray); ``layers`` maps each
+            attention layer of this worker (its pipeline stage's layers, by global name) to
+            ``{"impl", "num_heads", "num_kv_heads", "mask"}`` (heads on this rank), ``mask`` being
+            ``[window, keep_first, fa_decode]`` of the SWAA mask the layer applied in a forward step on
+            this worker (None before its first step, or for another impl).
         """
-        from vllm.distributed import get_tensor_model_parallel_rank
+        from vllm.distributed import get_pp_group, get_tensor_model_parallel_rank
 
-        in_ray_actor = False
+        in_ray_actor, ray_node_id = False, None
         try:
             import ray
 
-            in_ray_actor = ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None
+            if ray.is_initialized():
+                context = ray.get_runtime_context()
+                in_ray_actor = context.get_actor_id() is not None
+                ray_node_id = context.get_node_id() if in_ray_actor else None
         except ImportError:
             pass
         layers = {}
@@ -129,12 +135,59 @@ class AttentionReportMixin:
             "in_ray_actor": in_ray_actor,
             "rank": self.rank,
             "tp_rank": get_tensor_model_parallel_rank(),
+            "pp_rank": get_pp_group().rank_in_group,
+            "ray_node_id": ray_node_id,
             "worker_cls": type(self).__name__,
             "layers": layers,
         }
 
 
-class SwaaCPUWorker(PromptLengthsWorkerMixin, SinkWindowKVWorkerMixin, AttentionReportMixin, CPUWorker):
+class PipelineReceiveBufferMixin:
+    """CPU worker mixin: a later pipeline stage gets its receive buffer before the first step.
+
+    **Why.** vLLM's V1 model runner receives the previous stage's hidden states into
+    ``model_runner.intermediate_tensors``, a buffer it allocates only inside ``_dummy_run``
+    (``vllm/v1/worker/gpu_model_runner.py``; ``execute_model`` asserts it exists). The GPU
+    worker always runs ``_dummy_run`` while warming up; vLLM's CPU worker does not in eager mode
+    (``CPUModelRunner.warming_up_model`` returns at once for ``CompilationMode.NONE``, and
+    ``CPUWorker._should_warm_up_model`` is False with an explicit KV cache size), so on the CPU
+    build ``--pipeline-parallel-size 2 --enforce-eager`` fails on its first step with
+    ``KeyError: <request id>`` in the scheduler (the last stage returned no output). This
+    allocates the buffer exactly as ``_dummy_run`` does (``model.make_empty_intermediate_tensors``
+    for ``max_num_tokens`` rows, the model's dtype and device) after vLLM's own warm-up, only
+    where vLLM left it unallocated; with vLLM's warm-up it is a no-op. Pinned by
+    ``tests/test_vllm_shims.py`` (vLLM still allocates it only in ``_dummy_run``) and exercised by
+    ``tests/test_ray_pp.py`` (pipeline parallelism 2, eager).
+    """
+
+    def compile_or_warm_up_model(self):
+        times = super().compile_or_warm_up_model()
+        allocate_pipeline_receive_buffer(self.model_runner)
+        return times
+
+
+def allocate_pipeline_receive_buffer(model_runner) -> bool:
+    """Allocate ``model_runner.intermediate_tensors`` on a non-first pipeline stage if vLLM has not.
+
+    Args:
+        model_runner: vLLM's V1 model runner (``GPUModelRunner`` or ``CPUModelRunner``); another runner
+            (V2 keeps its own buffers) has no ``intermediate_tensors`` attribute and is left alone.
+
+    Returns:
+        True if the buffer was allocated here.
+    """
+    from vllm.distributed import get_pp_group
+
+    if get_pp_group().is_first_rank or getattr(model_runner, "intermediate_tensors", False) is not None:
+        return False
+    model_runner.intermediate_tensors = model_runner.model.make_empty_intermediate_tensors(
+        batch_size=model_runner.max_num_tokens, dtype=model_runner.model_config.dtype, device=model_runner.device,
+    )
+    return True
+
+
+class SwaaCPUWorker(PromptLengthsWorkerMixin, SinkWindowKVWorkerMixin, AttentionReportMixin,
+                    PipelineReceiveBufferMixin, CPUWorker):
     """vLLM's CPU worker (V1 or V2 model runner, as vLLM chooses) plus the SWAA mixins; no state of its own."""
 
 

@@ -9,42 +9,17 @@ a random-weight peft adapter of the bundled model, which must change the output.
 
 from __future__ import annotations
 
-import json
-import os
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
+
+from tests.server import free_port, stop, vllm_serve, wait_for_exit, wait_until_healthy
 
 pytestmark = pytest.mark.e2e
 
 SERVED_NAME = "smollm2-swaa"
 LORA_NAME = "swaa-lora"
 SWAA_CONFIG = {"sliding_window_size": 64, "keep_first": 8, "force_fa_decode": True, "non_sliding_layers": [0, 15]}
-STARTUP_TIMEOUT_S = 300
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _vllm_serve(
-    model_dir: Path, port: int, swaa_config, log_path: Path, extra: tuple[str, ...] = ()
-) -> subprocess.Popen:
-    vllm = Path(sys.executable).parent / "vllm"  # the console script, as a user runs it
-    cmd = [
-        str(vllm), "serve", str(model_dir), "--served-model-name", SERVED_NAME,
-        "--attention-backend", "swaa", "--hf-overrides", json.dumps({"swaa_config": swaa_config}),
-        "--dtype", "float32", "--max-model-len", "2048", "--enforce-eager",
-        "--host", "127.0.0.1", "--port", str(port), *extra,
-    ]
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
-    return subprocess.Popen(cmd, stdout=log_path.open("w"), stderr=subprocess.STDOUT, env=env)
 
 
 def _random_adapter(model_dir: Path, out: Path) -> Path:
@@ -63,34 +38,17 @@ def _random_adapter(model_dir: Path, out: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def server(model_dir, tmp_path_factory):
-    import requests
-
-    port = _free_port()
+    port = free_port()
     log_path = tmp_path_factory.mktemp("server") / "vllm.log"
     adapter = _random_adapter(model_dir, tmp_path_factory.mktemp("adapter"))
-    proc = _vllm_serve(model_dir, port, SWAA_CONFIG, log_path,
-                       ("--enable-lora", "--max-lora-rank", "16", "--lora-modules", f"{LORA_NAME}={adapter}"))
+    proc = vllm_serve(model_dir, port, SWAA_CONFIG, log_path, SERVED_NAME,
+                      ("--enable-lora", "--max-lora-rank", "16", "--lora-modules", f"{LORA_NAME}={adapter}"))
     base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
     try:
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"vllm serve exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}")
-            try:
-                if requests.get(f"{base}/health", timeout=2).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"vllm serve not healthy after {STARTUP_TIMEOUT_S}s:\n{log_path.read_text()[-4000:]}")
-            time.sleep(1)
+        wait_until_healthy(proc, base, log_path)
         yield base, log_path
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc)
 
 
 @pytest.fixture(scope="module")
@@ -169,12 +127,7 @@ def test_oversized_request_rejected_server_stays_up(client):
 )
 def test_malformed_swaa_config_fails_at_startup(model_dir, tmp_path, bad_config, field):
     log_path = tmp_path / "vllm.log"
-    proc = _vllm_serve(model_dir, _free_port(), bad_config, log_path)
-    try:
-        rc = proc.wait(timeout=STARTUP_TIMEOUT_S)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    rc = wait_for_exit(vllm_serve(model_dir, free_port(), bad_config, log_path, SERVED_NAME))
     log = log_path.read_text()
     assert rc != 0
     assert "invalid swaa_config: " in log and field in log, log[-3000:]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import inspect
 import pickle
+import re
 import subprocess
 import sys
 import types
@@ -226,3 +227,49 @@ def test_config_hook_turns_generated_block_keys_on_only_with_fa_decode():
         vllm_shims._after_platform_config(cfg, cpu_worker=vllm_shims.CPU_WORKER)
         assert vllm_shims._tag_generated_blocks is expected, swaa_config
     vllm_shims.set_generated_block_tagging(False)
+
+
+def _assigning_methods(cls, attribute: str) -> list[str]:
+    """Methods of ``cls`` whose source assigns ``self.<attribute>`` a value other than None."""
+    pattern = re.compile(rf"self\.{attribute}\s*(?::[^=\n]*)?=\s*(?!None\b)(?=\S)")
+    return sorted(name for name, fn in inspect.getmembers(cls, inspect.isfunction)
+                  if fn.__qualname__.startswith(cls.__name__ + ".") and pattern.search(inspect.getsource(fn)))
+
+
+def test_vllm_cpu_still_leaves_the_pipeline_receive_buffer_to_dummy_run():
+    """Why ``swaa_vllm.worker.PipelineReceiveBufferMixin`` exists (fails once vLLM allocates it elsewhere or
+    the CPU worker warms up in eager mode: then drop the mixin)."""
+    from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    assert _assigning_methods(GPUModelRunner, "intermediate_tensors") == ["_dummy_run"]
+    assert "assert self.intermediate_tensors is not None" in inspect.getsource(
+        GPUModelRunner.sync_and_gather_intermediate_tensors)
+    warm_up = inspect.getsource(CPUModelRunner.warming_up_model)
+    assert re.search(r"if self\.vllm_config\.compilation_config\.mode == CompilationMode\.NONE:\s*return", warm_up)
+
+
+def test_pipeline_receive_buffer_is_allocated_like_dummy_run(monkeypatch):
+    """On a later stage the mixin's helper allocates what ``_dummy_run`` would; elsewhere it does nothing."""
+    import torch
+
+    from swaa_vllm import worker
+
+    calls = []
+
+    class Model:
+        def make_empty_intermediate_tensors(self, batch_size, dtype, device):
+            calls.append((batch_size, dtype, device))
+            return {"hidden_states": torch.zeros(batch_size, 8, dtype=dtype)}
+
+    runner = types.SimpleNamespace(intermediate_tensors=None, model=Model(), max_num_tokens=32,
+                                   model_config=types.SimpleNamespace(dtype=torch.float32), device="cpu")
+    stage = types.SimpleNamespace(is_first_rank=True)
+    monkeypatch.setattr("vllm.distributed.get_pp_group", lambda: stage)
+    assert not worker.allocate_pipeline_receive_buffer(runner) and runner.intermediate_tensors is None
+    stage.is_first_rank = False
+    assert worker.allocate_pipeline_receive_buffer(runner)
+    assert calls == [(32, torch.float32, "cpu")] and runner.intermediate_tensors["hidden_states"].shape == (32, 8)
+    assert not worker.allocate_pipeline_receive_buffer(runner) and len(calls) == 1  # vLLM's own buffer is kept
+    v2_runner = types.SimpleNamespace()  # no intermediate_tensors attribute: another runner, left alone
+    assert not worker.allocate_pipeline_receive_buffer(v2_runner) and not vars(v2_runner)

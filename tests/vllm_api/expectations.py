@@ -360,6 +360,9 @@ EXPECTATIONS: tuple[Expect, ...] = (
     module("vllm.distributed", used_by="swaa_vllm/worker.py: get_tensor_model_parallel_rank"),
     function("vllm.distributed", "get_tensor_model_parallel_rank",
              used_by="swaa_vllm/worker.py: swaa_attention_report tp_rank"),
+    function("vllm.distributed", "get_pp_group", used_by="swaa_vllm/worker.py: swaa_attention_report pp_rank"),
+    attribute("vllm.distributed.parallel_state", "GroupCoordinator.rank_in_group",
+              used_by="swaa_vllm/worker.py: swaa_attention_report pp_rank"),
     # -- prompt lengths from both model runners (swaa_vllm/prompt_lengths.py) -------------------------------
     module(_V2_RUNNER, used_by="swaa_vllm/prompt_lengths.py: runner_version"),
     cls(_V2_RUNNER, "GPUModelRunner", used_by="swaa_vllm/prompt_lengths.py: the V2 runner"),
