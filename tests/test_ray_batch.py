@@ -2,7 +2,8 @@
 
 * 2 replicas over a small JSONL file on a local Ray instance (2 CPUs): every id comes back once,
   with the same greedy text as one ``LLM.generate`` call on the same prompts (same engine
-  settings and sampling), and both replicas built a swaa engine with the requested plan;
+  settings and sampling), both replicas built a swaa engine with the requested plan, and both
+  generated rows (their per-batch log lines, by actor pid, add up to the input);
 * invalid inputs and settings stop before Ray starts, with exit status 2 and a message that names
   the line, the field and the fix.
 """
@@ -10,6 +11,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -47,7 +49,8 @@ def test_two_replicas_match_one_llm_generate(tmp_path, model_dir, prompts):
         "--max-tokens", str(MAX_TOKENS), "--dtype", "float32", "--max-model-len", "1024",
         "--kv-cache-gib", str((64 << 20) / (1 << 30)), "--enforce-eager", "--num-cpus", "2", "--batch-size", "2",
     ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400)
+    # Ray merges similar log lines of different workers (numbers ignored) unless told not to.
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env={**os.environ, "RAY_DEDUP_LOGS": "0"})
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "wrote 5 rows" in proc.stdout
 
@@ -60,6 +63,12 @@ def test_two_replicas_match_one_llm_generate(tmp_path, model_dir, prompts):
     plan_pids = set(re.findall(r"\(MapWorker\(MapBatches\(SwaaGenerator\)\) pid=(\d+)\).*SWAA plan for 30 layers: "
                                r"sliding W=32 k=4, full-attention decode", log))
     assert len(plan_pids) == 2, "expected two replicas logging the SWAA plan"
+    # ... and both generated rows: each batch's log line names its replica and rows.
+    ids_by_pid: dict[str, list[str]] = {}
+    for pid, ids in re.findall(r"SwaaGenerator pid (\d+): generated \d+ rows, ids (\[.*?\])", log):
+        ids_by_pid.setdefault(pid, []).extend(json.loads(ids.replace("'", '"')))
+    assert set(ids_by_pid) == plan_pids, ids_by_pid
+    assert sorted(i for ids in ids_by_pid.values() for i in ids) == sorted(prompts)
 
     # The reference: one LLM.generate over the same prompts, same settings.
     from vllm import SamplingParams

@@ -12,7 +12,7 @@ is not a terminal). The same greedy request gives the same text as one ``LLM.gen
 the same prompts (``tests/test_ray_batch.py``).
 
 Pipeline: ``ray.data.read_json`` / ``read_parquet`` -> ``Dataset.map_batches`` with the callable
-class :class:`SwaaGenerator` (one ``vllm.LLM`` per actor) and ``concurrency=N`` -> ``write_json`` /
+class :class:`SwaaGenerator` (one ``vllm.LLM`` per actor) on a fixed pool of N actors -> ``write_json`` /
 ``write_parquet``. Reading and writing request no CPU, so the N replicas can use all of them
 (an operator that asks for a CPU while the replicas hold them all waits forever: Ray Data's
 progress then shows it ``backpressured:tasks(ResourceBudget)``).
@@ -64,6 +64,8 @@ __all__ = [
     "run_batch",
 ]
 
+# Seconds Ray Data waits for all replicas to build their engines before the first batch (then it fails).
+REPLICA_START_TIMEOUT_S = 1800
 OUTPUT_FIELDS = ("id", "generated_text", "finish_reason", "num_prompt_tokens", "num_generated_tokens")
 _ROW_FORMAT = 'each row needs an "id" (string or integer) and a non-empty "prompt" string, e.g. ' \
               '{"id": "q1", "prompt": "Summarise ..."}'
@@ -234,6 +236,10 @@ class SwaaGenerator:
     def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
         """Generate for one batch ``{"id": [n], "prompt": [n], ...}``; returns the output columns, n rows each."""
         outputs = self.llm.generate([str(p) for p in batch["prompt"]], self.sampling, use_tqdm=False)
+        # One line per batch in the driver's log: which replica generated which rows (the pid in the text also
+        # keeps Ray's log deduplication from merging the replicas' lines).
+        print(f"SwaaGenerator pid {os.getpid()}: generated {len(outputs)} rows, ids {list(batch['id'])}",
+              file=sys.stderr, flush=True)
         return {
             "id": list(batch["id"]),
             "generated_text": [o.outputs[0].text for o in outputs],
@@ -306,11 +312,15 @@ def run_batch(
     # No operator between read and map_batches: Ray Data gives each one a CPU by default, which the
     # replicas hold, and the job would wait forever. (Ray already splits a small file into several
     # blocks, so the replicas share it.)
+    # Every replica takes part: Ray Data starts handing out batches only once all replicas have built their
+    # engines (otherwise the first one up takes the first batches), and gives a replica one batch at a time
+    # (its engine runs one batch at a time anyway; more would queue behind it while another replica idles).
+    ray.data.DataContext.get_current().wait_for_min_actors_s = REPLICA_START_TIMEOUT_S
     results = ds.map_batches(
         SwaaGenerator,
         fn_constructor_kwargs={"model": model, "engine_kwargs": engine, "sampling": params},
         batch_size=batch_size,
-        concurrency=replicas,
+        compute=ray.data.ActorPoolStrategy(size=replicas, max_tasks_in_flight_per_actor=1),
         num_cpus=num_cpus_per_replica,
         num_gpus=num_gpus_per_replica,
         # One process per replica: the engine runs inside the actor (no engine-core/worker processes).
