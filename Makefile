@@ -2,7 +2,7 @@
 #   make serve   install everything into .venv, prepare the bundled model, serve it with --attention-backend swaa
 #   make test    install everything into .venv, lint (ruff, seconds), run the test suite
 #   make lint    ruff check: pyflakes, pycodestyle, import order, bugbear, pyupgrade (pyproject.toml [tool.ruff])
-#   make sweep   the longer scheduler-situation matrix (on demand)
+#   make sweep   the longer scheduler-situation matrix, Ray TP=2 x PP=2 on four nodes, vllm serve on a two-node Ray cluster (on demand)
 #   make eval    the SWAA accuracy ablation on the bundled model -> benchmarks/results/accuracy.{md,json,png}
 #   make finetune  SWA-aware LoRA fine-tuning of the bundled model (self-distilled data) -> adapters/recipe_w128
 #   make eval-lora the accuracy harness with LoRA rows (trains 4 adapters first) -> benchmarks/results/accuracy_lora.*
@@ -62,10 +62,11 @@ test: lint
 	$(VENV)/bin/swaa-vllm-prepare-model
 	$(PY) -m pytest
 
-# The longer scheduler-situation sweep (tests/test_matrix.py SWEEP_CASES), on demand.
+# The longer sweep, on demand: tests/test_matrix.py SWEEP_CASES (both model runners), the V2 sink-window KV case,
+# TP=2 x PP=2 on a four-node Ray cluster and vllm serve on a two-node one (tests/test_ray_parallel.py, test_ray_serve.py).
 sweep: $(STAMP)
 	$(VENV)/bin/swaa-vllm-prepare-model
-	SWAA_MATRIX=full $(PY) -m pytest tests/test_matrix.py tests/test_sink_window_kv.py
+	SWAA_MATRIX=full $(PY) -m pytest tests/test_matrix.py tests/test_sink_window_kv.py tests/test_ray_parallel.py tests/test_ray_serve.py
 
 # The paper's ablation as retrieval accuracy (benchmarks/accuracy_grid.py; EVAL_ARGS=--quick for a 1-minute check).
 eval: $(STAMP)

@@ -21,7 +21,7 @@ so vLLM frees their blocks outside the sinks and the window.
 Both workers also answer ``collective_rpc("swaa_attention_report")``
 (:class:`AttentionReportMixin`): which attention each layer runs on that worker, with
 its share of the heads and the mask it applied. It is how an operator (and
-``tests/test_ray_tp.py``) checks that every tensor-parallel rank, e.g. each Ray
+``tests/test_ray_parallel.py``) checks that every tensor-parallel rank and pipeline stage, e.g. each Ray
 actor, runs the SWAA plan; a method name travels to the workers without vLLM's
 opt-in pickling of callables (``VLLM_ALLOW_INSECURE_SERIALIZATION``).
 """

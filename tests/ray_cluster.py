@@ -10,6 +10,7 @@ gloo then run over loopback) and separate installs of the plugin.
 from __future__ import annotations
 
 import contextlib
+import secrets
 import time
 from collections.abc import Iterator
 
@@ -19,12 +20,27 @@ OBJECT_STORE_BYTES = 128 << 20  # per node; Ray's default (30% of RAM) is far mo
 
 
 @contextlib.contextmanager
-def ray_cluster(nodes: int, cpus_per_node: int = 1) -> Iterator[object]:
+def ray_cluster(nodes: int, cpus_per_node: int = 1, token_auth: bool = False) -> Iterator[object]:
     """A running ``Cluster`` of ``nodes`` nodes (the head included), connected to this process; processes
     started inside the block (vLLM's engine, ``vllm serve``) join it through ``RAY_ADDRESS``.
 
+    ``token_auth``: Ray's token authentication, as Ray documents it for a cluster on a shared network
+    (``RAY_AUTH_MODE=token`` and the cluster's token in ``RAY_AUTH_TOKEN``, set for every process: the
+    nodes, this one and the processes it starts); otherwise Ray 2.60's default for a local cluster (off).
+
     Yields the ``ray.cluster_utils.Cluster``; its ``startup_s`` attribute is the start-up time in seconds.
     """
+    with pytest.MonkeyPatch.context() as mp:
+        if token_auth:
+            mp.setenv("RAY_AUTH_MODE", "token")
+            mp.setenv("RAY_AUTH_TOKEN", secrets.token_hex(32))  # 256 bits, like `ray get-auth-token --generate`
+        with _cluster(nodes, cpus_per_node) as cluster:
+            mp.setenv("RAY_ADDRESS", cluster.address)
+            yield cluster
+
+
+@contextlib.contextmanager
+def _cluster(nodes: int, cpus_per_node: int) -> Iterator[object]:
     import ray
     from ray.cluster_utils import Cluster
 
@@ -37,9 +53,7 @@ def ray_cluster(nodes: int, cpus_per_node: int = 1) -> Iterator[object]:
         cluster.wait_for_nodes()
         ray.init(address=cluster.address, log_to_driver=False)
         cluster.startup_s = time.perf_counter() - start
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setenv("RAY_ADDRESS", cluster.address)
-            yield cluster
+        yield cluster
     finally:
         ray.shutdown()
         cluster.shutdown()

@@ -2,17 +2,22 @@
 
 The README's multi-node command, run as a subprocess against a cluster of two raylets on this
 machine (:mod:`tests.ray_cluster`; the server joins it through ``RAY_ADDRESS``, as after
-``ray start --head`` / ``ray start --address=...``): the bundled model split over the two nodes by
-pipeline parallelism 2 (its 9 query heads and 3 KV heads do not split over 2 tensor-parallel ranks),
-with a plan that has sliding and full layers on both stages. Checked: a chat answer, a streamed
-completion equal to the same completion unstreamed, both stages' workers on different nodes with
-their own layers in the log, and a malformed ``swaa_config`` refused at start with the field named.
+``ray start --head`` / ``ray start --address=...``), with Ray's token authentication on
+(``RAY_AUTH_MODE=token`` and ``RAY_AUTH_TOKEN`` in every process, as Ray documents for a cluster on
+a network). The bundled model is split over the two nodes by pipeline parallelism 2 (its 9 query
+heads and 3 KV heads do not split over 2 tensor-parallel ranks), with a plan that has sliding and
+full layers on both stages. Checked: a chat answer, a streamed completion equal to the same
+completion unstreamed, vLLM's placement group with one worker on each node, each stage's worker
+naming its own layers by global index in the log, and a malformed ``swaa_config`` refused at start
+with the field named.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import subprocess
+import sys
 
 import pytest
 
@@ -33,7 +38,7 @@ RAY_ARGS = ("--pipeline-parallel-size", "2", "--distributed-executor-backend", "
 
 @pytest.fixture(scope="module")
 def cluster():
-    with ray_cluster(nodes=2) as c:
+    with ray_cluster(nodes=2, token_auth=True) as c:
         yield c
 
 
@@ -104,3 +109,12 @@ def test_malformed_swaa_config_refused_at_start(model_dir, cluster, tmp_path):
     log = log_path.read_text()
     assert rc != 0
     assert "invalid swaa_config: " in log and "swaa_config.non_sliding_layers" in log, log[-3000:]
+
+
+def test_the_cluster_refuses_a_process_without_its_token(cluster):
+    """Token authentication is really on: the server joined with the token; a process without it cannot."""
+    code = "import ray; ray.init(address='auto', log_to_driver=False)"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_TOKEN"}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "Failed to connect to Ray cluster" in proc.stderr, proc.stderr[-2000:]
