@@ -200,6 +200,7 @@ def test_paired_counts_and_choice():
     assert report.pareto({"a": (1.0, 80), "b": (1.4, 76), "c": (1.4, 60), "d": (1.7, 76)}) == ["a", "d"]
 
 
+@pytest.mark.e2e
 def test_written_plan_passes_validation_and_serves_on_the_backend(tiny_llama, tmp_path):
     """A plan from the search, written and read back as JSON, starts the swaa backend and computes that plan
     (greedy tokens equal the training-attention forward under the same plan)."""

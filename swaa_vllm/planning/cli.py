@@ -249,7 +249,7 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> dict:
         if args.compare_signals and args.signal == "kl":
             cands += search.candidates(entry["ranking_other"], shape, entry["window"], entry["keep_first"],
                                        args.fractions, args.cost_tokens, baselines=False, source="other",
-                                       label="by mass")
+                                       prefix="mass", label="ranked by mass")
     for c in cands:
         print(f"{c.name:<28} {c.prefill_speedup:5.2f}x prefill, KV {c.kv_ratio:.3f}x  full: {list(c.full_layers)}"
               if c.source != "full" else f"{c.name:<28} {c.prefill_speedup:5.2f}x prefill (reference)",

@@ -109,7 +109,7 @@ def _costed(name: str, label: str, source: str, fraction: float | None, window: 
 
 def candidates(ranking: Sequence[int], shape: ModelShape, window: int, keep_first: int,
                fractions: Sequence[float] = FRACTIONS, cost_tokens: int = 8192, baselines: bool = True,
-               block_size: int = 16, chunk: int = 2048, source: str = "calibrated",
+               block_size: int = 16, chunk: int = 2048, source: str = "calibrated", prefix: str = "calibrated",
                label: str = "calibrated") -> list[Candidate]:
     """The calibrated plan at each fraction, each followed by the paper patterns with as many full layers.
 
@@ -121,8 +121,8 @@ def candidates(ranking: Sequence[int], shape: ModelShape, window: int, keep_firs
         cost_tokens: prompt length the costs are quoted at.
         baselines: add the paper's fixed patterns (:data:`PAPER_PATTERNS`) of equal size.
         block_size, chunk: KV block size and chunked-prefill budget of the KV model.
-        source, label: the calibrated rows' ``source`` and the start of their name and label (another ranking,
-            e.g. by the secondary signal, gets its own).
+        source, prefix, label: the calibrated rows' ``source`` and the start of their name and label (another
+            ranking, e.g. by the secondary signal, gets its own).
 
     Raises:
         ValueError: a ranking that is not a permutation of the layers, or a bad fraction.
@@ -133,7 +133,7 @@ def candidates(ranking: Sequence[int], shape: ModelShape, window: int, keep_firs
     for fraction in fractions:
         n = full_layer_count(fraction, shape.layers)
         tag = _FRACTION_NAMES.get(fraction, f"{fraction:g}")
-        out.append(_costed(f"{label}_{tag}_w{window}", f"{label}, {n} layers full", source, fraction,
+        out.append(_costed(f"{prefix}_{tag}_w{window}", f"{label}, {n} layers full", source, fraction,
                            window, keep_first, ranking[:n], shape, cost_tokens, block_size, chunk))
         if baselines:
             for pattern in PAPER_PATTERNS:

@@ -23,9 +23,14 @@ the masks SWA-aware fine-tuning trains under; no second mask is written here):
   each sliding forward restarts from the full forward's hidden state at the input of layer ``L`` (on
   average half a forward per layer).
 
-Measured on the bundled model (SmolLM2-135M-Instruct, W=128, k=16, 640-token prompts of the three bundled
-training families, 6 prompts; ``benchmarks/results/plan_search.md``): see that report for the Spearman rank
-correlation of the two signals and the wall times; the choice of ``kl`` as the default rests on it.
+Measured on the bundled model (SmolLM2-135M-Instruct, W=128, k=16, 6 prompts of ~640 tokens from the three
+bundled training families; ``benchmarks/results/plan_search.md``): the two rankings agree only loosely
+(Spearman 0.59 over the 30 layers). ``mass`` puts the early layers 3-10 on top (0.4-0.6 of their prompt rows'
+mass lies outside sinks + window there); ``kl`` ranks layers 15, 8, 14, 7, 6, 18 first and keeps mid layers
+(14-20) that ``mass`` ranks low, because a layer can spread attention widely yet change the output little,
+and the reverse. On held-out prompts the ``kl`` plans were at least as accurate as the ``mass`` plans at every
+size (see the report), so ``kl`` is the default; ``--signal mass`` is the cheap alternative (one forward per
+prompt instead of about 1 + L/2).
 
 Both run on Hugging Face transformers with float32 weights (the attention itself is
 :func:`~swaa_vllm.finetuning.training_attention.tiled_masked_attention`); decoder layers are driven one by one
