@@ -110,7 +110,7 @@ def markdown(results: dict) -> str:
         for c in comparisons:
             a, b = by_name[c["a"]], by_name[c["b"]]
             lines.append(f"| {a['label']} | {b['label']} | {100 * _acc(a):.1f}% | {100 * _acc(b):.1f}% | {c['both']} | "
-                         f"{c['only_a']} | {c['only_b']} | {c['neither']} | {c['p']:.3f} |")
+                         f"{c['only_a']} | {c['only_b']} | {c['neither']} | {c['p']:.2g} |")
     chosen = results.get("chosen")
     if chosen:
         lines += ["", "## Chosen plan", "", chosen["reason"], "", "```json", json.dumps(chosen["swaa_config"]), "```",
