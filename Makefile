@@ -73,8 +73,9 @@ eval: $(STAMP)
 	$(VENV)/bin/swaa-vllm-prepare-model
 	$(PY) benchmarks/accuracy_grid.py $(EVAL_ARGS)
 
-# Plan search on the bundled model (swaa_vllm/planning, swaa-vllm-plan): calibration (~10 min on 2 cores), then
-# 10 vLLM engines on 64 held-out prompts (~20 min). PLAN_ARGS adds options (swaa-vllm-plan --help).
+# Plan search on the bundled model (swaa_vllm/planning, swaa-vllm-plan): calibration (~11 min on 2 shared cores),
+# then 10 vLLM engines on 64 held-out float32 prompts (~46 min there). PLAN_ARGS adds options (swaa-vllm-plan --help;
+# e.g. --eval-per-task 8 --calib-per-task 1 roughly halves both).
 plan: $(STAMP)
 	$(VENV)/bin/swaa-vllm-prepare-model
 	$(VENV)/bin/swaa-vllm-plan --compare-signals --out-dir benchmarks/results $(PLAN_ARGS)
