@@ -6,6 +6,7 @@
 #   make eval    the SWAA accuracy ablation on the bundled model -> benchmarks/results/accuracy.{md,json,png}
 #   make finetune  SWA-aware LoRA fine-tuning of the bundled model (self-distilled data) -> adapters/recipe_w128
 #   make eval-lora the accuracy harness with LoRA rows (trains 4 adapters first) -> benchmarks/results/accuracy_lora.*
+#   make plan    plan search: calibrate which layers stay full, validate against odd/even/1-in-4 -> benchmarks/results/plan_search.*
 #   make bench   CPU speed: SWAA against vLLM's CPU_ATTN, prefill and decode -> benchmarks/results/cpu_e2e.{md,json,png}
 #   make bench-kv  KV memory of the plans at a fixed KV budget: bytes/request, admitted concurrency -> benchmarks/results/kv_memory.*
 #   make check-vllm-gpu-api  the vLLM interfaces the GPU path uses exist in the CUDA wheel (VLLM_GPU_VERSION, 0.33.*): AST only, no GPU
@@ -25,7 +26,7 @@ SWAA_CONFIG ?= {"sliding_window_size": 512, "keep_first": 64, "force_fa_decode":
 export VLLM_CPU_KVCACHE_SPACE ?= 2
 STAMP  := $(VENV)/.installed
 
-.PHONY: install serve test lint sweep eval bench bench-kv model clean finetune eval-lora check-vllm-gpu-api
+.PHONY: install serve test lint sweep eval plan bench bench-kv model clean finetune eval-lora check-vllm-gpu-api
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -72,6 +73,13 @@ sweep: $(STAMP)
 eval: $(STAMP)
 	$(VENV)/bin/swaa-vllm-prepare-model
 	$(PY) benchmarks/accuracy_grid.py $(EVAL_ARGS)
+
+# Plan search on the bundled model (swaa_vllm/planning, swaa-vllm-plan): calibration (~11 min on 2 shared cores),
+# then 10 vLLM engines on 64 held-out float32 prompts (~46 min there). PLAN_ARGS adds options (swaa-vllm-plan --help;
+# e.g. --eval-per-task 8 --calib-per-task 1 roughly halves both).
+plan: $(STAMP)
+	$(VENV)/bin/swaa-vllm-prepare-model
+	$(VENV)/bin/swaa-vllm-plan --compare-signals --out-dir benchmarks/results $(PLAN_ARGS)
 
 # SWA-aware fine-tuning (swaa_vllm/finetuning/distill.py, swaa_vllm/finetuning/train.py). The data: 240 long prompts of the
 # training families answered by the full-attention model, right answers kept (~8 min). One adapter:
