@@ -139,6 +139,7 @@ def plot(results: dict, path: Path) -> None:
     colors = {"calibrated": "tab:red", "other": "tab:orange", "paper": "tab:blue", "full": "tab:gray"}
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     points = {}
+    labels: dict[tuple[float, float], list[str]] = {}  # plans at the same point share one label
     for c in cands:
         k, n = summarize(configs[c["name"]]["records"])
         low, high = wilson_interval(k, n)
@@ -146,7 +147,9 @@ def plot(results: dict, path: Path) -> None:
         points[c["name"]] = (c["prefill_speedup"], acc)
         ax.errorbar([c["prefill_speedup"]], [acc], yerr=[[acc - 100 * low], [100 * high - acc]], fmt="o",
                     color=colors[c["source"]], capsize=3, alpha=0.85)
-        ax.annotate(c["label"], (c["prefill_speedup"], acc), textcoords="offset points", xytext=(5, 4), fontsize=7)
+        labels.setdefault((round(c["prefill_speedup"], 4), round(acc, 4)), []).append(c["label"])
+    for (x, y), names in labels.items():
+        ax.annotate(" = ".join(names), (x, y), textcoords="offset points", xytext=(5, 4), fontsize=7)
     front = pareto(points)
     ax.plot([points[n][0] for n in front], [points[n][1] for n in front], "--", color="black", lw=0.8,
             label="Pareto front")
