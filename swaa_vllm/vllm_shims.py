@@ -54,6 +54,10 @@ there, so a vLLM upgrade that makes a shim unnecessary (or breaks it) fails CI.
    cache spec and manager (:mod:`swaa_vllm.sink_window_cache`) are registered in
    vLLM's KV cache spec registry, whose lazy registration of the built-in specs runs
    only while the registry is empty; the built-ins are registered first.
+
+Not here because it changes nothing of vLLM's: the SWAA CPU worker's own fix for a vLLM
+0.32 CPU bug (a later pipeline stage never gets its receive buffer in eager mode;
+:class:`swaa_vllm.worker.PipelineReceiveBufferMixin`), pinned in the same test file.
 """
 
 from __future__ import annotations

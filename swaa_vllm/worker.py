@@ -157,7 +157,7 @@ class PipelineReceiveBufferMixin:
     for ``max_num_tokens`` rows, the model's dtype and device) after vLLM's own warm-up, only
     where vLLM left it unallocated; with vLLM's warm-up it is a no-op. Pinned by
     ``tests/test_vllm_shims.py`` (vLLM still allocates it only in ``_dummy_run``) and exercised by
-    ``tests/test_ray_pp.py`` (pipeline parallelism 2, eager).
+    ``tests/test_ray_parallel.py`` (pipeline parallelism 2, eager).
     """
 
     def compile_or_warm_up_model(self):
