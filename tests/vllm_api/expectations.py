@@ -9,7 +9,8 @@ does in every process), ``swaa_vllm/config.py`` (no vLLM import), ``swaa_vllm/ba
 ``kernels/flash_attn_path.py`` and ``kernels/triton_swaa.py`` (no vLLM import), plus
 the module imports ``swaa_vllm/platforms/cpu_attention_op.py`` does at import time (``backend.py``
 imports it on every platform) and the public API of the Ray Data pipeline
-(``swaa_vllm/batch/ray_data.py``, which also runs on GPU replicas). CPU-only uses are not
+(``swaa_vllm/batch/ray_data.py``, which also runs on GPU replicas) and the accuracy harness's engine step
+(``swaa_vllm/evaluation/harness.py``, also used by the plan search). CPU-only uses are not
 listed: ``cpu_attention_op``'s ``vllm._C`` ops, the CPU selector's calls, and the Ray
 executor of ``swaa_vllm/platforms/ray_executor.py`` (``tests/test_vllm_api.py`` keeps their
 imports in an explicit allow-list).
@@ -474,5 +475,8 @@ EXPECTATIONS: tuple[Expect, ...] = (
     # -- the Ray Data pipeline's engine (swaa_vllm/batch/ray_data.py, also on GPU replicas; finetuning/distill.py too)
     cls("vllm", "LLM", used_by="swaa_vllm/batch/ray_data.py, finetuning/distill.py: one engine per replica"),
     cls("vllm", "SamplingParams", used_by="swaa_vllm/batch/ray_data.py, finetuning/distill.py: sampling options"),
-    cls("vllm", "TokensPrompt", used_by="swaa_vllm/finetuning/distill.py: token-id prompts"),
+    cls("vllm", "TokensPrompt", used_by="swaa_vllm/finetuning/distill.py, evaluation/harness.py: token-id prompts"),
+    # -- the accuracy harness's engine step (swaa_vllm/evaluation/harness.py; the plan search's validation)
+    module("vllm.lora.request", used_by="swaa_vllm/evaluation/harness.py: LoRA rows of the accuracy harness"),
+    cls("vllm.lora.request", "LoRARequest", used_by="swaa_vllm/evaluation/harness.py: an adapter per plan"),
 )
