@@ -295,3 +295,32 @@ def test_help_lists_every_knob(capsys):
                    "--eval-tasks", "--eval-per-task", "--tolerance", "--skip-validation", "--out-dir", "--plan-out",
                    "--compare-signals", "--answer-tokens", "--cost-tokens"):
         assert option in out
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--dtype", "bogus"], "argument --dtype: invalid choice: 'bogus'"),
+    (["--threads", "-1"], "--threads must be >= 1, got -1"),
+    (["--threads", "0"], "--threads must be >= 1, got 0"),
+    (["--cost-tokens", "0"], "--cost-tokens must be >= 1, got 0"),
+    (["--fractions", "0.5,0.5"], "--fractions lists a value twice"),
+    (["--rerender", "/nonexistent/plan_search.json"], "--rerender /nonexistent/plan_search.json: no such file"),
+], ids=["dtype", "threads-negative", "threads-zero", "cost-tokens", "duplicate-fraction", "rerender-missing"])
+def test_bad_options_are_refused_before_any_work(argv, message, capsys):
+    """Found by a new user's try: each of these used to end in a traceback (or, for --cost-tokens 0, a crash
+    after the calibration, or be silently ignored: --threads 0)."""
+    with pytest.raises(SystemExit) as exc:
+        cli.parse_args(argv)
+    assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_unreadable_inputs_are_refused(model_dir, tmp_path, capsys):
+    err = _cli_error(["--model", str(model_dir), "--prompts", str(tmp_path), "--skip-validation"], capsys)
+    assert f"--prompts {tmp_path} is a directory" in err
+    latin1 = tmp_path / "latin1.jsonl"
+    latin1.write_bytes(b'{"prompt": "caf\xe9"}\n')
+    err = _cli_error(["--model", str(model_dir), "--prompts", str(latin1), "--skip-validation"], capsys)
+    assert f"--prompts {latin1}: not UTF-8 text" in err
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text("[]")
+    err = _cli_error(["--model", str(tmp_path / "m")], capsys)
+    assert "config.json holds a JSON list, not the object of a Hugging Face model config" in err

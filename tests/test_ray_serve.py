@@ -46,7 +46,9 @@ def cluster():
 def server(model_dir, cluster, tmp_path_factory):
     port = free_port()
     log_path = tmp_path_factory.mktemp("ray_server") / "vllm.log"
-    proc = vllm_serve(model_dir, port, SWAA_CONFIG, log_path, SERVED_NAME, RAY_ARGS)
+    # Ray merges similar log lines of different workers (numbers ignored: the stages' "SWAA KV memory" lines)
+    # in the driver's log unless told not to.
+    proc = vllm_serve(model_dir, port, SWAA_CONFIG, log_path, SERVED_NAME, RAY_ARGS, env={"RAY_DEDUP_LOGS": "0"})
     base = f"http://127.0.0.1:{port}"
     try:
         startup_s = wait_until_healthy(proc, base, log_path)

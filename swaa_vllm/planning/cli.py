@@ -12,7 +12,7 @@ Three phases (docs/plan-search.md):
    comparisons, a Pareto plot, and the chosen plan (the fastest within ``--tolerance`` of full attention)
    written as JSON for ``--hf-overrides '{"swaa_config": ...}'``, with the command that serves it.
 
-    swaa-vllm-plan --model "$(swaa-vllm-prepare-model)"                    # the defaults (~15-25 min on 2 cores)
+    swaa-vllm-plan --model "$(swaa-vllm-prepare-model)"                    # the defaults (~30-60 min on 2 cores)
     python -m swaa_vllm.planning.cli --model DIR --prompts mine.jsonl --window 2048 --keep-first 100
     python -m swaa_vllm.planning.cli --model DIR --skip-validation        # calibration + candidates only
 
@@ -57,6 +57,18 @@ def _ints(text: str, option: str) -> list[int]:
     return values
 
 
+def _positive(option: str):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{option} takes a positive integer, got {text!r}") from None
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"{option} must be >= 1, got {value}")
+        return value
+    return parse
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line (``--help`` lists every knob)."""
     from swaa_vllm.evaluation.tasks import TASKS, TRAINING_TASKS
@@ -71,8 +83,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--keep-first", type=lambda s: _ints(s, "--keep-first"), default=[DEFAULT_KEEP],
                    help="k sink tokens; comma-separated for a small sweep")
     g.add_argument("--fractions", type=str, default="0.25,0.5,0.75",
-                   help="fractions of the layers kept full, one candidate each (floor(fraction x layers))")
-    g.add_argument("--dtype", default="float32", help="dtype of calibration and validation (float32 on CPUs "
+                   help="fractions of the layers kept full, one candidate each (floor(fraction x layers), at "
+                        "least 1 and at most all but one)")
+    g.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                   help="dtype of calibration and validation (float32 on CPUs "
                    "without native bf16)")
     g = p.add_argument_group("calibration")
     g.add_argument("--signal", choices=("kl", "mass"), default="kl",
@@ -89,7 +103,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="length of the bundled prompts (calibration and validation), tokens")
     g.add_argument("--answer-tokens", type=int, default=ANSWER_TOKENS,
                    help="greedy full-attention answer tokens appended per prompt for the kl signal")
-    g.add_argument("--threads", type=int, default=None, help="torch CPU threads for calibration (default: torch's)")
+    g.add_argument("--threads", type=_positive("--threads"), default=None,
+                   help="torch CPU threads for calibration (default: torch's)")
     g = p.add_argument_group("validation")
     g.add_argument("--skip-validation", action="store_true",
                    help="stop after the candidates; the half-cost calibrated plan is written, marked unvalidated")
@@ -102,7 +117,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "per fraction")
     g.add_argument("--tolerance", type=float, default=TOLERANCE,
                    help="accuracy (fraction) the chosen plan may lose against full attention on the held-out set")
-    g.add_argument("--cost-tokens", type=int, default=COST_TOKENS, help="prompt length the costs are quoted at")
+    g.add_argument("--cost-tokens", type=_positive("--cost-tokens"), default=COST_TOKENS,
+                   help="prompt length the costs are quoted at")
     g = p.add_argument_group("output")
     g.add_argument("--out-dir", type=Path, default=Path("plan-search"), help="where the report files go")
     g.add_argument("--stem", default="plan_search", help="report file names: <stem>.json/.md/.png")
@@ -120,6 +136,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--fractions takes comma-separated numbers in (0, 1), got {args.fractions!r}")
     if not args.fractions or not all(0 < f < 1 for f in args.fractions):
         p.error(f"--fractions must be numbers in (0, 1), got {args.fractions}")
+    if len(set(args.fractions)) != len(args.fractions):
+        p.error(f"--fractions lists a value twice: {args.fractions}")
+    if args.rerender is not None and not args.rerender.is_file():
+        p.error(f"--rerender {args.rerender}: no such file; pass the <stem>.json of an earlier run")
     for option in ("calib_per_task", "eval_per_task", "context_tokens"):
         if getattr(args, option) < 1:
             p.error(f"--{option.replace('_', '-')} must be >= 1")
@@ -215,7 +235,7 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> dict:
         check_window(args.window, args.keep_first, [s.prompt_ids for s in eval_samples], "held-out prompts")
 
     # Phase 1: calibration.
-    if args.threads:
+    if args.threads is not None:
         torch.set_num_threads(args.threads)
     signals.register()
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, args.dtype),

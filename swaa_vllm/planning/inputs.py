@@ -38,8 +38,11 @@ def check_model(model_dir: Path) -> dict:
                              "(for the bundled model: the path `swaa-vllm-prepare-model` prints)")
     try:
         cfg = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise PlanInputError(f"--model {model_dir}: config.json is not valid JSON ({err})") from None
+    if not isinstance(cfg, dict):
+        raise PlanInputError(f"--model {model_dir}: config.json holds a JSON {type(cfg).__name__}, not the object "
+                             "of a Hugging Face model config")
     archs = cfg.get("architectures") or []
     problems = []
     if not any(a in SUPPORTED_ARCHITECTURES for a in archs):
@@ -85,11 +88,18 @@ def read_prompts(path: Path, tokenizer) -> list[list[int]]:
         PlanInputError: a missing or empty file, a line that is not a JSON object with one of those keys,
             token ids outside the vocabulary (messages name ``--prompts`` and the line).
     """
+    if path.is_dir():
+        raise PlanInputError(f"--prompts {path} is a directory; pass a JSONL file")
     if not path.is_file():
         raise PlanInputError(f"--prompts {path}: no such file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise PlanInputError(f"--prompts {path}: not UTF-8 text ({err.reason} at byte {err.start}); "
+                             "write the JSONL file in UTF-8") from None
     prompts = []
     vocab = len(tokenizer)
-    for number, line in enumerate(path.read_text().splitlines(), 1):
+    for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         where = f"--prompts {path}, line {number}"
