@@ -40,6 +40,7 @@ from swaa_vllm.evaluation.harness import (
     run_config,
 )
 from swaa_vllm.evaluation.recipes import KEEP_FIRST, PRESETS, swaa_config
+from swaa_vllm.evaluation.report import machine
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO / "benchmarks" / "results"
@@ -167,15 +168,7 @@ def _versions() -> dict:
 
 
 def _machine() -> str:
-    cpu = platform.processor() or "cpu"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs ({cpu}), no GPU"
+    return f"{machine()}, no GPU"
 
 
 def _adapter_summary(adapter: str) -> dict:

@@ -77,3 +77,10 @@ def wait_for_exit(proc: subprocess.Popen, timeout_s: float = STARTUP_TIMEOUT_S) 
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def openai_client(base: str):
+    """An OpenAI client for the server at ``base`` (no retries, 120 s timeout)."""
+    from openai import OpenAI
+
+    return OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=120)

@@ -22,7 +22,7 @@ import sys
 import pytest
 
 from tests.ray_cluster import ray_cluster
-from tests.server import free_port, stop, vllm_serve, wait_for_exit, wait_until_healthy
+from tests.server import free_port, openai_client, stop, vllm_serve, wait_for_exit, wait_until_healthy
 
 pytestmark = [
     pytest.mark.e2e,
@@ -60,9 +60,7 @@ def server(model_dir, cluster, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def client(server):
-    from openai import OpenAI
-
-    return OpenAI(base_url=server[0] + "/v1", api_key="unused", max_retries=0, timeout=120)
+    return openai_client(server[0])
 
 
 def test_chat_answers(client):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.server import free_port, stop, vllm_serve, wait_for_exit, wait_until_healthy
+from tests.server import free_port, openai_client, stop, vllm_serve, wait_for_exit, wait_until_healthy
 
 pytestmark = pytest.mark.e2e
 
@@ -53,9 +53,7 @@ def server(model_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def client(server):
-    from openai import OpenAI
-
-    return OpenAI(base_url=server[0] + "/v1", api_key="unused", max_retries=0, timeout=120)
+    return openai_client(server[0])
 
 
 def test_models_lists_served_model_and_adapter(client):

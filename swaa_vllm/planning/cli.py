@@ -173,18 +173,6 @@ def _versions() -> dict:
     return out
 
 
-def _machine() -> str:
-    cpu = platform.processor() or "cpu"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs ({cpu})"
-
-
 def run(args: argparse.Namespace, argv: list[str] | None) -> dict:
     """All three phases; returns the results dictionary written to ``<stem>.json``.
 
@@ -195,6 +183,7 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from swaa_vllm.evaluation.costs import ModelShape
+    from swaa_vllm.evaluation.report import machine
     from swaa_vllm.evaluation.tasks import TASKS, TRAINING_TASKS, TaskSpec, make_samples
     from swaa_vllm.planning import report, search, signals
     from swaa_vllm.planning.inputs import PlanInputError, check_model, check_window, read_prompts
@@ -277,7 +266,7 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> dict:
     results: dict = {
         "meta": {"command": shlex.join([PROG, *(argv if argv is not None else sys.argv[1:])]),
                  "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-                 "machine": _machine(), "model": model_dir.name, "model_dir": str(model_dir),
+                 "machine": machine(), "model": model_dir.name, "model_dir": str(model_dir),
                  "num_layers": shape.layers, "dtype": args.dtype, "signal": args.signal,
                  "fractions": args.fractions, "tolerance": args.tolerance, "cost_tokens": args.cost_tokens,
                  "calibration": {"source": source, "prompts": len(prompts), "answer_tokens": args.answer_tokens,
