@@ -85,6 +85,16 @@ def test_two_replicas_match_one_llm_generate(tmp_path, model_dir, prompts):
     assert all(r["num_generated_tokens"] == MAX_TOKENS for r in rows)
 
 
+@pytest.mark.parametrize(
+    ("rows", "batch_size", "replicas", "blocks"),
+    [(5, 2, 2, 3), (3, 16, 2, 2), (1, 16, 2, 1), (100, 16, 2, 7), (10**6, 16, 2, 128), (5, 2, 1, 3)],
+)
+def test_input_blocks_give_every_replica_work(rows, batch_size, replicas, blocks):
+    # A replica takes whole blocks: fewer blocks than replicas leaves one idle (CI once saw all rows of a
+    # small file in one block, on one replica).
+    assert ray_data.input_block_count(rows, batch_size, replicas) == blocks
+
+
 def _run_main(args, capsys):
     status = ray_data.main(args)
     return status, capsys.readouterr().err

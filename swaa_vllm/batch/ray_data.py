@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -60,12 +61,14 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, Validat
 from swaa_vllm.config import SwaaConfigError, build_plan
 
 __all__ = [
-    "BatchInputError", "PromptRow", "SwaaGenerator", "check_input", "load_swaa_config", "main", "model_config",
-    "run_batch",
+    "BatchInputError", "PromptRow", "SwaaGenerator", "check_input", "input_block_count", "load_swaa_config",
+    "main", "model_config", "run_batch",
 ]
 
 # Seconds Ray Data waits for all replicas to build their engines before the first batch (then it fails).
 REPLICA_START_TIMEOUT_S = 1800
+# Upper bound on input blocks per replica (a block is the unit a replica takes; see run_batch).
+BLOCKS_PER_REPLICA = 64
 OUTPUT_FIELDS = ("id", "generated_text", "finish_reason", "num_prompt_tokens", "num_generated_tokens")
 _ROW_FORMAT = 'each row needs an "id" (string or integer) and a non-empty "prompt" string, e.g. ' \
               '{"id": "q1", "prompt": "Summarise ..."}'
@@ -249,6 +252,14 @@ class SwaaGenerator:
         }
 
 
+def input_block_count(num_rows: int, batch_size: int, replicas: int) -> int:
+    """Blocks the read makes of ``num_rows`` input rows: one per batch of ``batch_size`` rows, at least
+    ``replicas`` (so each replica gets a block; never more than ``num_rows``), at most
+    ``BLOCKS_PER_REPLICA * replicas`` (blocks of several batches for large inputs)."""
+    per_batch = min(math.ceil(num_rows / batch_size), BLOCKS_PER_REPLICA * replicas)
+    return max(1, min(num_rows, max(replicas, per_batch)))
+
+
 def run_batch(
     input_path: str | os.PathLike,
     output_dir: str | os.PathLike,
@@ -263,6 +274,7 @@ def run_batch(
     num_cpus_per_replica: float = 1.0,
     num_gpus_per_replica: float = 0.0,
     overwrite: bool = False,
+    num_rows: int | None = None,
 ) -> None:
     """Run the pipeline on the connected Ray cluster (call ``ray.init`` first).
 
@@ -277,6 +289,9 @@ def run_batch(
         output_format: ``"jsonl"`` or ``"parquet"``.
         num_cpus_per_replica, num_gpus_per_replica: Ray resources of each replica.
         overwrite: replace existing files in ``output_dir``.
+        num_rows: rows of the input (from :func:`check_input`; counted again when None): the read makes
+            ``ceil(num_rows / batch_size)`` blocks, at least one per replica (up to ``num_rows``) and at most
+            ``BLOCKS_PER_REPLICA`` per replica.
 
     Raises:
         BatchInputError: the cluster has fewer CPUs/GPUs than the replicas ask for (Ray would
@@ -305,13 +320,20 @@ def run_batch(
     params = {"temperature": 0.0, "max_tokens": 256, **(sampling or {})}
 
     path = str(Path(input_path).resolve())
+    # Every replica takes part only if there are at least as many blocks as replicas: a replica's task gets
+    # whole blocks (map_batches cuts them into batches inside the task), and Ray's default block count depends
+    # on the cluster's state at planning time (one block of a small file was seen, all rows on one replica).
+    # So the read asks for one block per batch, at least one per replica (while rows last) and at most
+    # BLOCKS_PER_REPLICA per replica (large inputs: blocks of several batches, the load still balanced to
+    # 1/BLOCKS_PER_REPLICA of a replica's share).
+    rows = check_input(input_path) if num_rows is None else num_rows
+    num_blocks = input_block_count(rows, batch_size, replicas)
     if _input_format(Path(input_path)) == "jsonl":
-        ds = ray.data.read_json(path, lines=True, num_cpus=0, file_extensions=None)
+        ds = ray.data.read_json(path, lines=True, num_cpus=0, file_extensions=None, override_num_blocks=num_blocks)
     else:
-        ds = ray.data.read_parquet(path, columns=["id", "prompt"], num_cpus=0)
+        ds = ray.data.read_parquet(path, columns=["id", "prompt"], num_cpus=0, override_num_blocks=num_blocks)
     # No operator between read and map_batches: Ray Data gives each one a CPU by default, which the
-    # replicas hold, and the job would wait forever. (Ray already splits a small file into several
-    # blocks, so the replicas share it.)
+    # replicas hold, and the job would wait forever.
     # Every replica takes part: Ray Data starts handing out batches only once all replicas have built their
     # engines (otherwise the first one up takes the first batches), and gives a replica one batch at a time
     # (its engine runs one batch at a time anyway; more would queue behind it while another replica idles).
@@ -411,7 +433,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         run_batch(args.input, args.output, args.model, replicas=args.replicas, swaa_config=swaa_config,
                   sampling=sampling, engine_kwargs=engine, output_format=args.output_format,
                   batch_size=args.batch_size, num_cpus_per_replica=args.num_cpus_per_replica,
-                  num_gpus_per_replica=args.num_gpus_per_replica, overwrite=args.overwrite)
+                  num_gpus_per_replica=args.num_gpus_per_replica, overwrite=args.overwrite, num_rows=rows)
     except BatchInputError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
