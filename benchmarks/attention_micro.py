@@ -10,7 +10,12 @@ bf16, block size 128). For each prompt length n it times one layer's
 * decode of one token at context n: the same four.
 
 and prints the times with the ratios ``sdpa / swaa`` (prefill: the FLOP ratio of a
-sliding layer against a full one is ``n / 2 / (W + k)`` roughly). Run:
+sliding layer against a full one is ``n / 2 / (W + k)`` roughly), and for prefill the FLOP
+rates: ``4 * heads * head_size`` per query-key pair the mask lets a row see
+(:func:`swaa_vllm.evaluation.costs.visible_pairs`) per second, for vLLM's op (causal) and for
+the swaa sliding layer (its sink-window rows, plus the early rows that go to the op), and their
+ratio ``sliding rate / op rate`` (issue 16's target: >= 0.9). dtype: bfloat16 on CPUs with
+native bf16, float32 elsewhere (``--dtype``). Run:
 ``.venv/bin/python benchmarks/attention_micro.py [--lengths 2048 8192] [--window 1024 --keep-first 64]``.
 """
 
@@ -23,7 +28,9 @@ import torch
 import torch.nn.functional as F
 
 from swaa_kernels.cpu import LayerMaskSpec, paged_swaa_attention, torch_paged_attention, write_kv_cache
+from swaa_vllm.evaluation.costs import visible_pairs
 from swaa_vllm.platforms.cpu_attention_op import VllmCpuPagedAttention, cpu_attention_isa
+from swaa_vllm.platforms.cpu_features import benchmark_dtype, cpu_model, describe
 
 HEADS, KV_HEADS, HEAD_SIZE, BLOCK = 9, 3, 64, 128
 
@@ -42,17 +49,22 @@ def main() -> None:
     parser.add_argument("--window", type=int, default=1024)
     parser.add_argument("--keep-first", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                        help="auto: bfloat16 with native bf16 (AVX-512 BF16 / AMX), else float32")
     args = parser.parse_args()
+    if args.dtype == "auto":
+        args.dtype = benchmark_dtype()
     dtype = getattr(torch, args.dtype)
     scale = HEAD_SIZE**-0.5
     vllm_op = VllmCpuPagedAttention(cpu_attention_isa(BLOCK, HEAD_SIZE))
     sliding = LayerMaskSpec(args.window, args.keep_first, True)
     full = LayerMaskSpec(None)
-    print(f"threads={torch.get_num_threads()} dtype={args.dtype} W={args.window} k={args.keep_first}")
+    print(f"{cpu_model()}, {describe()}; threads={torch.get_num_threads()} dtype={args.dtype} W={args.window} "
+          f"k={args.keep_first}")
     print("| phase | tokens | sdpa causal (ms) | vLLM op (ms) | swaa full layer (ms) | swaa sliding layer (ms) "
-          "| sdpa/swaa full | sdpa/swaa sliding | torch-only swaa sliding (ms) |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "| sdpa/swaa full | sdpa/swaa sliding | torch-only swaa sliding (ms) | op GFLOP/s | sliding GFLOP/s "
+          "| sliding rate / op rate |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for n in args.lengths:
         q = torch.randn(n, HEADS, HEAD_SIZE, dtype=dtype)
         k = torch.randn(n, KV_HEADS, HEAD_SIZE, dtype=dtype)
@@ -89,8 +101,14 @@ def main() -> None:
             t_sdpa, t_op = _time(sdpa, reps), _time(op, reps)
             t_full, t_slide = _time(swaa(full), reps), _time(swaa(sliding), reps)
             t_torch = _time(swaa(sliding, torch_paged_attention), reps)
+            rates = "| | |"
+            if phase == "prefill":
+                per_pair = 4.0 * HEADS * HEAD_SIZE
+                op_rate = per_pair * visible_pairs(n, None) / t_op / 1e9
+                slide_rate = per_pair * visible_pairs(n, (args.window, args.keep_first)) / t_slide / 1e9
+                rates = f"{op_rate:.1f} | {slide_rate:.1f} | {slide_rate / op_rate:.2f} |"
             print(f"| {phase} | {n} | {t_sdpa * 1e3:.2f} | {t_op * 1e3:.2f} | {t_full * 1e3:.2f} | {t_slide * 1e3:.2f} "
-                  f"| {t_sdpa / t_full:.2f} | {t_sdpa / t_slide:.2f} | {t_torch * 1e3:.2f} |", flush=True)
+                  f"| {t_sdpa / t_full:.2f} | {t_sdpa / t_slide:.2f} | {t_torch * 1e3:.2f} | {rates}", flush=True)
 
 
 if __name__ == "__main__":

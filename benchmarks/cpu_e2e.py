@@ -8,7 +8,8 @@ the same Llama architecture) and each configuration
 * ``swaa, all sliding``: W=1024, k=64, full-attention decode, every layer sliding;
 * ``swaa, every other layer full``: the same with the odd layers full,
 
-one engine is started (bf16, eager, prefix caching off, vLLM's default chunked-prefill
+one engine is started (bf16 on CPUs with native bf16, else float32, see
+:mod:`swaa_vllm.platforms.cpu_features`; eager, prefix caching off, vLLM's default chunked-prefill
 budget) and measures, on random-token prompts:
 
 * time to first token (TTFT) and prefill throughput at each prompt length
@@ -134,9 +135,9 @@ def engine(model: str, **kwargs) -> Iterator:
 
 
 def measure(model: str, config: Config, lengths: list[int], decode_context: int, decode_tokens: int,
-            load_format: str, seed: int) -> Measured:
+            load_format: str, seed: int, dtype: str = "bfloat16") -> Measured:
     kwargs = dict(
-        dtype="bfloat16",
+        dtype=dtype,
         enforce_eager=True,
         max_model_len=max(lengths + [decode_context]) + decode_tokens + 16,
         kv_cache_memory_bytes=3 << 30,
@@ -186,14 +187,16 @@ def larger_model_dir(base: Path, target: Path) -> Path:
 
 
 def environment() -> dict:
+    """Date, CPU model, vector ISA (:func:`swaa_vllm.platforms.cpu_features.describe`), cores, versions, command."""
     import torch
     import vllm
 
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
+    from swaa_vllm.platforms.cpu_features import cpu_model, describe
+
     return {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "cpu": cpu,
+        "cpu": cpu_model(),
+        "isa": describe(),
         "cores": os.cpu_count(),
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -206,8 +209,9 @@ def report(models: list[dict], env: dict, targets: list[str]) -> str:
     lines = [
         "# CPU end-to-end benchmark: SWAA against vLLM's CPU_ATTN",
         "",
-        f"`{env['command']}` on {env['date']}: {env['cpu']}, {env['cores']} cores, Python {env['python']}, "
-        f"torch {env['torch']}, vLLM {env['vllm']}. bf16, eager, prefix caching off, one request at a time; "
+        f"`{env['command']}` on {env['date']}: {env['cpu']}, {env.get('isa', 'ISA not recorded')}, "
+        f"{env['cores']} cores, Python {env['python']}, torch {env['torch']}, vLLM {env['vllm']}. "
+        f"{env.get('dtype', 'bfloat16')}, eager, prefix caching off, one request at a time; "
         "TTFT and decode from vLLM's engine-core request timestamps. `bound` is the FLOP-model ratio "
         "(linear layers + attention over the keys each layer's mask lets a query see); `of bound` = "
         "measured ratio / bound.",
@@ -300,13 +304,18 @@ def main() -> None:
     parser.add_argument("--decode-tokens", type=int, default=128)
     parser.add_argument("--models", nargs="+", default=["bundled", "large"], choices=["bundled", "large"])
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                        help="auto: bfloat16 with native bf16 (AVX-512 BF16 / AMX), else float32")
     args = parser.parse_args()
+    from swaa_vllm.platforms.cpu_features import benchmark_dtype
+
+    dtype = benchmark_dtype() if args.dtype == "auto" else args.dtype
 
     os.environ.setdefault("VLLM_ALLOW_LONG_MAX_MODEL_LEN", "1")  # the bundled model was trained to 8k
     from swaa_vllm.models.bundled import prepare_model
 
     bundled = prepare_model()
-    env = environment()
+    env = {**environment(), "dtype": dtype}
     models = []
     for which in args.models:
         if which == "bundled":
@@ -321,7 +330,7 @@ def main() -> None:
         base_config = None
         for config in configs(shape.layers):
             results.append(asdict(measure(str(path), config, lengths, args.decode_context, args.decode_tokens,
-                                          load_format, seed=1)))
+                                          load_format, seed=1, dtype=dtype)))
             if base_config is None:
                 base_config = config
             else:

@@ -51,6 +51,7 @@ from cpu_e2e import engine, environment, larger_model_dir, write_results  # noqa
 
 from swaa_vllm.evaluation.costs import kv_blocks_per_request  # noqa: E402
 from swaa_vllm.evaluation.recipes import swaa_config  # noqa: E402
+from swaa_vllm.platforms.cpu_features import benchmark_dtype, describe  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 WINDOW, SINKS, CHUNK = 512, 64, 1024  # make serve's window and sinks; the prefill token budget
@@ -88,11 +89,6 @@ class Measured:
 def formula_bytes(plan: Plan, num_layers: int, n: int, block_size: int, bytes_per_layer_block: int) -> int:
     """The module docstring's formula (:func:`swaa_vllm.evaluation.costs.kv_blocks_per_request`), in bytes."""
     return kv_blocks_per_request(plan.swaa_config, num_layers, n, block_size, CHUNK) * bytes_per_layer_block
-
-
-def native_bf16() -> bool:
-    flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def measure(model: str, plan: Plan, num_layers: int, lengths: list[int], kv_bytes: int, dtype: str,
@@ -288,10 +284,8 @@ def main() -> None:
     # kv_cache_memory_bytes, and the KV budget is what this benchmark holds fixed.
     if os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None) is not None:
         print("note: VLLM_CPU_KVCACHE_SPACE ignored (the budget is --kv-mib)", flush=True)
-    dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if native_bf16() else "float32")
-    flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
-    isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "other"
-    isa += " + native bf16" if native_bf16() else " (no native bf16)"
+    dtype = args.dtype if args.dtype != "auto" else benchmark_dtype()
+    isa = describe()
     env = {**environment(), "dtype": dtype, "isa": isa}
     bundled = prepare_model()
     models = []

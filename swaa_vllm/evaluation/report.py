@@ -19,16 +19,10 @@ from pathlib import Path
 
 
 def machine() -> str:
-    """The machine a result was measured on: ``"<OS> <arch>, <n> CPUs (<CPU model name>)"``."""
-    cpu = platform.processor() or "cpu"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs ({cpu})"
+    """The machine a result was measured on: ``"<OS> <arch>, <n> CPUs (<CPU model name>, <vector ISA>)"``."""
+    from swaa_vllm.platforms.cpu_features import cpu_model, describe
+
+    return f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs ({cpu_model()}, {describe()})"
 
 
 def wilson_interval(successes: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
