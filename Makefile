@@ -8,6 +8,7 @@
 #   make eval-lora the accuracy harness with LoRA rows (trains 4 adapters first) -> benchmarks/results/accuracy_lora.*
 #   make plan    plan search: calibrate which layers stay full, validate against odd/even/1-in-4 -> benchmarks/results/plan_search.*
 #   make bench   CPU speed: SWAA against vLLM's CPU_ATTN, prefill and decode -> benchmarks/results/cpu_e2e.{md,json,png}
+#   make bench-serve  serving speed: vllm serve + vllm bench serve at concurrency 1/4/16 -> benchmarks/results/serve_bench.*
 #   make bench-kv  KV memory of the plans at a fixed KV budget: bytes/request, admitted concurrency -> benchmarks/results/kv_memory.*
 #   make check-vllm-gpu-api  the vLLM interfaces the GPU path uses exist in the CUDA wheel (VLLM_GPU_VERSION, 0.33.*): AST only, no GPU
 # Variables: PORT (8000), HOST (127.0.0.1), SWAA_CONFIG (JSON), PYTHON (python3.11 or python3).
@@ -26,7 +27,7 @@ SWAA_CONFIG ?= {"sliding_window_size": 512, "keep_first": 64, "force_fa_decode":
 export VLLM_CPU_KVCACHE_SPACE ?= 2
 STAMP  := $(VENV)/.installed
 
-.PHONY: install serve test lint sweep eval plan bench bench-kv model clean finetune eval-lora check-vllm-gpu-api
+.PHONY: install serve test lint sweep eval plan bench bench-serve bench-kv model clean finetune eval-lora check-vllm-gpu-api
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -50,6 +51,7 @@ model: $(STAMP)
 serve: $(STAMP)
 	@$(PY) -c 'import json, sys; json.loads(sys.argv[1])' '$(SWAA_CONFIG)' 2>/dev/null || \
 	  { echo "SWAA_CONFIG is not valid JSON: $(SWAA_CONFIG)" >&2; exit 2; }
+	@echo "CPU: $$($(PY) -c 'from swaa_vllm.platforms.cpu_features import cpu_model, describe; print(cpu_model() + ", " + describe())'); dtype float32 (the bundled checkpoint's; in bf16 this model degrades, and without native bf16 it is emulated)"
 	@MODEL_DIR=$$($(VENV)/bin/swaa-vllm-prepare-model) && \
 	echo "Serving $$MODEL_DIR on http://$(HOST):$(PORT) with --attention-backend swaa" && \
 	exec $(VENV)/bin/vllm serve "$$MODEL_DIR" --served-model-name SmolLM2-135M-Instruct \
@@ -118,6 +120,13 @@ clean:
 VLLM_GPU_VERSION ?= 0.33.*
 VLLM_WHEELS  := .cache/vllm-wheels
 VLLM_GPU_SRC := .cache/vllm-gpu-src
+
+# Serving speed as users measure it (benchmarks/serve_bench.py): vllm serve per configuration, vLLM's own client
+# `vllm bench serve` (random prompts of 2k and 8k tokens, 64 output tokens) at max concurrency 1, 4 and 16; dtype per
+# machine (float32 without native bf16). ~1 h on 2 cores; BENCH_SERVE_ARGS="--lengths 2048" for ~10 min.
+bench-serve: $(STAMP)
+	$(VENV)/bin/swaa-vllm-prepare-model
+	$(PY) benchmarks/serve_bench.py $(BENCH_SERVE_ARGS)
 
 # KV memory of SWAA plans at one KV budget (benchmarks/kv_memory.py, ~18 min on 2 cores; BENCH_KV_ARGS="--models bundled"
 # for the bundled model only): bytes per request, vLLM's admitted concurrency, preemptions under concurrent requests.
