@@ -474,10 +474,10 @@ class AttendRecorder:
         self.key_counts: list[int] = []
         self.query_counts: list[int] = []
 
-    def __call__(self, q, k, v, mask, scale):
+    def __call__(self, q, k, v, mask, scale, **kwargs):
         self.query_counts.append(q.shape[0])
         self.key_counts.append(k.shape[1])  # k: [Hkv, keys, D]
-        return self.real(q, k, v, mask, scale)
+        return self.real(q, k, v, mask, scale, **kwargs)
 
 
 def _record(monkeypatch) -> AttendRecorder:
