@@ -27,7 +27,9 @@ requests' prefill chunks share the steps.
 
 The dtype is chosen per machine (:func:`swaa_vllm.platforms.cpu_features.benchmark_dtype`:
 bfloat16 with native bf16, float32 where bf16 would be emulated) and recorded with the CPU model,
-its vector ISA, the core count and the versions. vLLM's JSON of each run is kept in
+its vector ISA, the core count and the versions. At the end the baseline repeats its concurrency-1 runs
+(``--no-drift-check`` skips it): a 2-core VM's speed can change during the hour, and the report then warns
+and shows paired ratios. vLLM's JSON of each run is kept in
 ``--raw-dir``; the summary goes to ``benchmarks/results/serve_bench.{md,json,png}``.
 
 Run: ``make bench-serve`` (or ``.venv/bin/python benchmarks/serve_bench.py --help``).
@@ -69,11 +71,23 @@ RESULT_FIELDS = (
 
 def prompt_count(length: int, concurrency: int) -> int:
     """Prompts per run: one full wave of ``concurrency`` requests (fewer would never reach it); at
-    concurrency 1, 4 prompts of up to 2k tokens, 2 longer ones (the budget goes to long prompts under
-    concurrency: smaller counts before shorter prompts)."""
+    concurrency 1, 2 prompts of up to 2k tokens and 1 longer one (smaller counts before shorter prompts)."""
     if concurrency > 1:
         return concurrency
-    return 4 if length <= 2048 else 2
+    return 2 if length <= 2048 else 1
+
+
+def planned_runs(lengths: list[int], concurrencies: list[int], max_run_tokens: int) -> tuple[list, list]:
+    """``(runs, skipped)``: the ``(length, concurrency, prompts)`` of each run, in order, and those left out
+    because their prompt tokens (``prompts * length``) exceed ``max_run_tokens`` (the time budget: on 2 AVX2
+    cores a full-attention server prefills ~100-150 tokens/s at 8k, so 16 prompts of 8k take ~20 min per
+    configuration)."""
+    runs, skipped = [], []
+    for length in lengths:
+        for c in concurrencies:
+            n = prompt_count(length, c)
+            (runs if n * length <= max_run_tokens else skipped).append((length, c, n))
+    return runs, skipped
 
 
 def decode_flops(shape: ModelShape, context: int) -> float:
@@ -201,13 +215,17 @@ class Run:
     result: dict
 
 
-def serve_and_bench(model_dir: Path, config: Config, shape: ModelShape, dtype: str, lengths: list[int],
-                    concurrencies: list[int], output_tokens: int, raw_dir: Path, seed: int) -> tuple[list[Run], dict]:
-    """Start one server for ``config``, run every (length, concurrency), stop it; the runs and start-up facts."""
+def serve_and_bench(model_dir: Path, config: Config, shape: ModelShape, dtype: str, plan: list[tuple[int, int, int]],
+                    output_tokens: int, raw_dir: Path, seed: int) -> tuple[list[Run], dict]:
+    """Start one server for ``config``, run each ``(length, concurrency, prompts)`` of ``plan``, stop it; the runs
+    and start-up facts."""
+    lengths = [length for length, _, _ in plan]
     slug = config.name.split(" (")[0].replace(", ", "-").replace(" ", "-").lower()
     port = _free_port()
     max_model_len = max(lengths) + output_tokens + 16
-    kv_gib = kv_cache_gib(shape, dtype, max(concurrencies), max_model_len)
+    # The largest run's requests all fit at once (prompt + output tokens each).
+    c_max, tokens = max(((c, length + output_tokens) for length, c, _ in plan), key=lambda ct: ct[0] * ct[1])
+    kv_gib = kv_cache_gib(shape, dtype, c_max, tokens)
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(kv_gib), "VLLM_ALLOW_LONG_MAX_MODEL_LEN": "1"}
     log = raw_dir / f"{slug}.server.log"
     cmd = serve_command(model_dir, config, port, dtype, max_model_len)
@@ -222,26 +240,24 @@ def serve_and_bench(model_dir: Path, config: Config, shape: ModelShape, dtype: s
             "model": SERVED_NAME, "prompt": [100 + i % 1000 for i in range(min(512, max_model_len - 24))],
             "max_tokens": 8})
         warm.raise_for_status()
-        for length in lengths:
-            for c in concurrencies:
-                n = prompt_count(length, c)
-                name = f"{slug}_{length}_c{c}.json"
-                started = time.monotonic()
-                run_vllm_bench(bench_args(model_dir, port, length, output_tokens, n, c, raw_dir, name, seed),
-                               raw_dir / name.replace(".json", ".log"))
-                wall = time.monotonic() - started
-                raw = json.loads((raw_dir / name).read_text())
-                missing = [f for f in RESULT_FIELDS if f not in raw]
-                if missing:
-                    raise RuntimeError(f"vLLM's result {raw_dir / name} lacks {missing}: vllm bench serve changed")
-                if raw["failed"] or raw["completed"] != n:
-                    raise RuntimeError(f"{name}: {raw['failed']} of {n} requests failed; see {log}")
-                run = Run(config.name, length, c, n, output_tokens, wall, {f: raw[f] for f in RESULT_FIELDS})
-                runs.append(run)
-                r = run.result
-                print(f"[{config.name}] {length} tokens, concurrency {c}, {n} prompts: {r['request_throughput']:.3f} "
-                      f"req/s, {r['output_throughput']:.1f} out tok/s, TTFT p50 {r['p50_ttft_ms'] / 1e3:.2f} s, "
-                      f"ITL p50 {r['p50_itl_ms']:.0f} ms ({wall:.0f} s)", flush=True)
+        for length, c, n in plan:
+            name = f"{slug}_{length}_c{c}.json"
+            started = time.monotonic()
+            run_vllm_bench(bench_args(model_dir, port, length, output_tokens, n, c, raw_dir, name, seed),
+                           raw_dir / name.replace(".json", ".log"))
+            wall = time.monotonic() - started
+            raw = json.loads((raw_dir / name).read_text())
+            missing = [f for f in RESULT_FIELDS if f not in raw]
+            if missing:
+                raise RuntimeError(f"vLLM's result {raw_dir / name} lacks {missing}: vllm bench serve changed")
+            if raw["failed"] or raw["completed"] != n:
+                raise RuntimeError(f"{name}: {raw['failed']} of {n} requests failed; see {log}")
+            run = Run(config.name, length, c, n, output_tokens, wall, {f: raw[f] for f in RESULT_FIELDS})
+            runs.append(run)
+            r = run.result
+            print(f"[{config.name}] {length} tokens, concurrency {c}, {n} prompts: {r['request_throughput']:.3f} "
+                  f"req/s, {r['output_throughput']:.1f} out tok/s, TTFT p50 {r['p50_ttft_ms'] / 1e3:.2f} s, "
+                  f"ITL p50 {r['p50_itl_ms']:.0f} ms ({wall:.0f} s)", flush=True)
     finally:
         _stop(proc)
     return runs, {"startup_s": startup_s, "kv_cache_gib": kv_gib, "command": cmd}
@@ -276,7 +292,9 @@ def report(data: dict) -> str:
         "",
         f"`{env['command']}` on {env['date']}: {env['cpu']}, {env['isa']}, {env['cores']} cores, dtype "
         f"{env['dtype']} ({env['dtype_reason']}), Python {env['python']}, torch {env['torch']}, vLLM {env['vllm']}. "
-        f"Bundled model, eager, prefix caching off, vLLM's default chunked-prefill budget; random-token prompts of "
+        f"vLLM's CPU worker runs on {max(1, env['cores'] - 1)} of the {env['cores']} cores (vLLM reserves one for "
+        f"its engine process; `VLLM_CPU_NUM_OF_RESERVED_CPU`). Bundled model, eager, prefix caching off, "
+        f"vLLM's default chunked-prefill budget; random-token prompts of "
         f"exactly N tokens, {data['output_tokens']} output tokens (`--ignore-eos`), all requests sent at once "
         f"(`--request-rate inf`) and at most C in flight (`--max-concurrency`). "
         f"Whole run: {data['wall_s'] / 60:.1f} min.",
@@ -314,12 +332,57 @@ def report(data: dict) -> str:
                               f"{q['ttft_p50']:.2f} ({bound['prefill']:.2f})", f"{q['itl_p50']:.2f}"]
                 lines.append(f"| {name} | " + " | ".join(cells) + " |")
             lines.append("")
+    lines += drift_section(data)
+    if data.get("skipped"):
+        left = ", ".join(f"{s['length']} tokens x concurrency {s['concurrency']} ({s['num_prompts']} prompts)"
+                         for s in data["skipped"])
+        lines += [f"Left out (more than `--max-run-tokens {data['max_run_tokens']}` prompt tokens per run, the time "
+                  f"budget): {left}.", ""]
     lines += ["## Servers", "", "| configuration | start-up to /health (s) | KV cache (GiB) |", "|---|---|---|"]
     for name in names:
         s = data["servers"][name]
         lines.append(f"| {name} | {s['startup_s']:.0f} | {s['kv_cache_gib']} |")
     lines.append("")
     return "\n".join(lines)
+
+
+def drift_section(data: dict) -> list[str]:
+    """Markdown of the drift check (``data["drift_check"]``): each repeated run against the same run of the main
+    pass, and each non-baseline repeat against the baseline repeated next to it."""
+    check = data.get("drift_check")
+    if not check:
+        return []
+    base_name = data["runs"][0]["config"]
+    main = {(r["config"], r["length"], r["concurrency"]): r["result"] for r in data["runs"]}
+    again = {(r["config"], r["length"], r["concurrency"]): r["result"] for r in check["runs"]}
+    lines = ["## Drift check", "",
+             "The machine's speed can change during a run (a 2-core VM with neighbours). After the main pass the "
+             "baseline (and, where listed, other configurations) ran again at concurrency 1, back to back. "
+             "`repeat / main` > 1 means the repeat was faster; paired ratios compare runs made minutes apart.", "",
+             "| configuration | prompt tokens | TTFT p50 main / repeat (s) | TTFT repeat / main speed | "
+             "ITL p50 main / repeat (ms) | paired TTFT ratio vs CPU_ATTN (bound) | paired ITL ratio |",
+             "|---|---|---|---|---|---|---|"]
+    for (name, length, c), r in again.items():
+        m = main.get((name, length, c))
+        speed = f"{m['p50_ttft_ms'] / r['p50_ttft_ms']:.2f}" if m else "-"
+        main_ttft = f"{m['p50_ttft_ms'] / 1e3:.2f}" if m else "-"
+        main_itl = f"{m['p50_itl_ms']:.0f}" if m else "-"
+        paired, paired_itl = "-", "-"
+        base = again.get((base_name, length, c))
+        if name != base_name and base is not None:
+            q = ratios(base, r)
+            paired = f"{q['ttft_p50']:.2f} ({data['bounds'][name][str(length)]['prefill']:.2f})"
+            paired_itl = f"{q['itl_p50']:.2f}"
+        lines.append(f"| {name} | {length} | {main_ttft} / {r['p50_ttft_ms'] / 1e3:.2f} | {speed} | {main_itl} / "
+                     f"{r['p50_itl_ms']:.0f} | {paired} | {paired_itl} |")
+    speeds = [main[k]["p50_ttft_ms"] / r["p50_ttft_ms"] for k, r in again.items() if k[0] == base_name and k in main]
+    worst = max(speeds, key=lambda x: abs(x - 1), default=1.0)
+    if abs(worst - 1) > 0.05:
+        lines += ["", f"**The baseline's repeat ran at {worst:.2f}x the speed of its main run: the machine changed "
+                  "speed during the run, so the main tables' ratios of configurations measured far apart are off by "
+                  "up to that factor; trust the paired ratios.**"]
+    lines.append("")
+    return lines
 
 
 def plot(data: dict, path: Path) -> None:
@@ -369,6 +432,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--raw-dir", type=Path, default=REPO / ".cache" / "serve_bench",
                         help="vLLM's JSON and log of each run, and the server logs")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-run-tokens", type=int, default=65536,
+                        help="leave out runs of more prompt tokens than this (prompts x length; default 65536 keeps "
+                             "the default grid near an hour on 2 cores: 8192 tokens x 16 prompts is left out)")
+    parser.add_argument("--no-drift-check", action="store_true",
+                        help="skip the baseline's repeat of the concurrency-1 runs at the end (~4 min)")
     args = parser.parse_args(argv)
     if any(n < 1 for n in args.lengths + args.concurrency) or args.output_tokens < 2:
         parser.error("--lengths and --concurrency must be >= 1, --output-tokens >= 2")
@@ -383,14 +451,26 @@ def main(argv: list[str] | None = None) -> int:
     shape = ModelShape.from_config(json.loads((model_dir / "config.json").read_text()))
     all_configs = configs(shape.layers)
     chosen = [all_configs[i] for i in sorted({0, *(args.configs or range(len(all_configs)))})]
-    args.raw_dir.mkdir(parents=True, exist_ok=True)
+    plan, skipped = planned_runs(args.lengths, args.concurrency, args.max_run_tokens)
+    if not plan:
+        parser.error("--max-run-tokens leaves no run; raise it")
+    for length, c, n in skipped:
+        print(f"left out: {length} tokens x concurrency {c} ({n} prompts, {n * length} tokens > --max-run-tokens "
+              f"{args.max_run_tokens})", flush=True)
+    (args.raw_dir / "drift").mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     runs, servers = [], {}
     for config in chosen:
-        config_runs, servers[config.name] = serve_and_bench(model_dir, config, shape, dtype, args.lengths,
-                                                            args.concurrency, args.output_tokens, args.raw_dir,
-                                                            args.seed)
+        config_runs, servers[config.name] = serve_and_bench(model_dir, config, shape, dtype, plan, args.output_tokens,
+                                                            args.raw_dir, args.seed)
         runs += config_runs
+    drift = None
+    if not args.no_drift_check:
+        repeat = [(length, c, n) for length, c, n in plan if c == 1]
+        if repeat:
+            drift_runs, _ = serve_and_bench(model_dir, chosen[0], shape, dtype, repeat, args.output_tokens,
+                                            args.raw_dir / "drift", args.seed)
+            drift = {"runs": [asdict(r) for r in drift_runs]}
     data = {
         "environment": {**environment(), "dtype": dtype, "dtype_reason": reason},
         "output_tokens": args.output_tokens,
@@ -399,7 +479,10 @@ def main(argv: list[str] | None = None) -> int:
         "bounds": {c.name: {str(n): bounds(shape, chosen[0], c, n, args.output_tokens) for n in args.lengths}
                    for c in chosen[1:]},
         "servers": servers,
+        "max_run_tokens": args.max_run_tokens,
+        "skipped": [{"length": n_, "concurrency": c, "num_prompts": p} for n_, c, p in skipped],
         "runs": [asdict(r) for r in runs],
+        "drift_check": drift,
     }
     write_results(args.out, "serve_bench", data, report(data), lambda path: plot(data, path))
     return 0

@@ -107,6 +107,14 @@ def test_prompt_counts_reach_the_concurrency(serve_bench):
     assert serve_bench.prompt_count(2048, 1) > serve_bench.prompt_count(8192, 1)
 
 
+def test_run_budget_leaves_out_only_the_runs_over_it(serve_bench):
+    runs, skipped = serve_bench.planned_runs([2048, 8192], [1, 4, 16], 65536)
+    assert runs == [(2048, 1, 2), (2048, 4, 4), (2048, 16, 16), (8192, 1, 1), (8192, 4, 4)]
+    assert skipped == [(8192, 16, 16)]  # 16 x 8192 = 131072 prompt tokens
+    runs, skipped = serve_bench.planned_runs([2048, 8192], [1, 4, 16], 131072)
+    assert (8192, 16, 16) in runs and skipped == []
+
+
 def _result(req_s, out_s, ttft_ms, itl_ms):
     fields = dict.fromkeys(("completed", "failed", "duration", "total_input_tokens", "total_output_tokens",
                             "total_token_throughput", "max_concurrent_requests"), 0)
@@ -126,7 +134,8 @@ def test_report_ratios_come_from_vllms_numbers(serve_bench, tmp_path):
     assert q["ttft_p50"] == pytest.approx(2.0) and q["itl_p50"] == pytest.approx(0.8)
     env = {"command": "serve_bench.py", "date": "d", "cpu": "c", "isa": "AVX2 only", "cores": 2, "dtype": "float32",
            "dtype_reason": "r", "python": "3", "torch": "t", "vllm": "v"}
-    data = {"environment": env, "output_tokens": 64, "wall_s": 60.0, "runs": runs,
+    data = {"environment": env, "output_tokens": 64, "wall_s": 60.0, "runs": runs, "max_run_tokens": 65536,
+            "skipped": [{"length": 8192, "concurrency": 32, "num_prompts": 32}],
             "bounds": {"swaa, all sliding": {"8192": {"prefill": 1.9, "workload": 1.6}}},
             "servers": {"CPU_ATTN": {"startup_s": 50, "kv_cache_gib": 7},
                         "swaa, all sliding": {"startup_s": 51, "kv_cache_gib": 7}}}
@@ -134,5 +143,23 @@ def test_report_ratios_come_from_vllms_numbers(serve_bench, tmp_path):
     assert "## 8192 prompt tokens, max concurrency 16 (16 prompts)" in text
     assert "| swaa, all sliding | 0.750 | 48.0 | 2.00 / 4.00 | 250 / 750 | 1.50 (1.60) | 2.00 (1.90) | 0.80 |" in text
     assert "AVX2 only" in text and "float32" in text
+    assert "Left out (more than `--max-run-tokens 65536` prompt tokens per run" in text and "concurrency 32" in text
     serve_bench.plot(data, tmp_path / "p.png")
     assert (tmp_path / "p.png").stat().st_size > 10_000
+
+
+def test_drift_check_warns_when_the_baseline_changed_speed(serve_bench):
+    base = {"config": "CPU_ATTN", "length": 2048, "concurrency": 1, "num_prompts": 2, "output_tokens": 64,
+            "wall_s": 1.0}
+    plan = {**base, "config": "swaa, all sliding"}
+    data = {"runs": [{**base, "result": _result(0.1, 6.0, 13000.0, 80.0)},
+                     {**plan, "result": _result(0.1, 6.0, 9000.0, 60.0)}],
+            "bounds": {"swaa, all sliding": {"2048": {"prefill": 1.06, "workload": 1.05}}},
+            "drift_check": {"runs": [{**base, "result": _result(0.1, 6.0, 10000.0, 60.0)},
+                                     {**plan, "result": _result(0.1, 6.0, 9500.0, 61.0)}]}}
+    text = "\n".join(serve_bench.drift_section(data))
+    assert "| CPU_ATTN | 2048 | 13.00 / 10.00 | 1.30 | 80 / 60 | - | - |" in text
+    assert "| swaa, all sliding | 2048 | 9.00 / 9.50 | 0.95 | 60 / 61 | 1.05 (1.06) | 0.98 |" in text
+    assert "ran at 1.30x the speed of its main run" in text
+    data["drift_check"]["runs"][0]["result"] = _result(0.1, 6.0, 12800.0, 80.0)
+    assert "changed speed" not in "\n".join(serve_bench.drift_section(data))
