@@ -95,6 +95,22 @@ def test_input_blocks_give_every_replica_work(rows, batch_size, replicas, blocks
     assert ray_data.input_block_count(rows, batch_size, replicas) == blocks
 
 
+def test_pipeline_waits_for_every_replica_before_the_first_batch(tmp_path, model_dir):
+    # Ray Data hands out batches only after all replicas are up if the dataset's own DataContext says so:
+    # a dataset copies the process-wide context when it is read, so setting that afterwards is ignored
+    # (it was, and CI twice saw the first replica up take every row).
+    import ray
+
+    source = _write_jsonl(tmp_path / "in.jsonl", [{"id": f"q{i}", "prompt": "hi"} for i in range(5)])
+    ray.init(num_cpus=2, include_dashboard=False)
+    try:
+        ray.data.DataContext.get_current().wait_for_min_actors_s = -1  # Ray's default: no wait
+        ds = ray_data.build_dataset(source, str(model_dir), replicas=2, batch_size=2)
+        assert ds.context.wait_for_min_actors_s == ray_data.REPLICA_START_TIMEOUT_S
+    finally:
+        ray.shutdown()
+
+
 def _run_main(args, capsys):
     status = ray_data.main(args)
     return status, capsys.readouterr().err

@@ -61,8 +61,8 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, Validat
 from swaa_vllm.config import SwaaConfigError, build_plan
 
 __all__ = [
-    "BatchInputError", "PromptRow", "SwaaGenerator", "check_input", "input_block_count", "load_swaa_config",
-    "main", "model_config", "run_batch",
+    "BatchInputError", "PromptRow", "SwaaGenerator", "build_dataset", "check_input", "input_block_count",
+    "load_swaa_config", "main", "model_config", "run_batch",
 ]
 
 # Seconds Ray Data waits for all replicas to build their engines before the first batch (then it fails).
@@ -295,11 +295,13 @@ def run_batch(
 
     Raises:
         BatchInputError: the cluster has fewer CPUs/GPUs than the replicas ask for (Ray would
-            otherwise wait for them forever), or ``output_dir`` is not empty.
+            otherwise wait for them forever), ``output_dir`` is not empty, or ``output_format`` is neither
+            ``"jsonl"`` nor ``"parquet"``.
     """
     import ray
-    from ray.data import SaveMode
 
+    if output_format not in ("jsonl", "parquet"):
+        raise BatchInputError(f"--output-format {output_format!r}: use jsonl or parquet")
     total = ray.cluster_resources()
     for name, per_replica, flag in (("CPU", num_cpus_per_replica, "--num-cpus-per-replica"),
                                     ("GPU", num_gpus_per_replica, "--num-gpus-per-replica")):
@@ -312,6 +314,29 @@ def run_batch(
     out = Path(output_dir)
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise BatchInputError(f"--output {out} is not empty; choose a new directory or pass --overwrite")
+    results = build_dataset(input_path, model, replicas=replicas, swaa_config=swaa_config, sampling=sampling,
+                            engine_kwargs=engine_kwargs, batch_size=batch_size,
+                            num_cpus_per_replica=num_cpus_per_replica, num_gpus_per_replica=num_gpus_per_replica,
+                            num_rows=num_rows)
+    _write(results, out, output_format, overwrite)
+
+
+def build_dataset(
+    input_path: str | os.PathLike,
+    model: str,
+    *,
+    replicas: int = 1,
+    swaa_config: dict | None = None,
+    sampling: dict[str, Any] | None = None,
+    engine_kwargs: dict[str, Any] | None = None,
+    batch_size: int = 16,
+    num_cpus_per_replica: float = 1.0,
+    num_gpus_per_replica: float = 0.0,
+    num_rows: int | None = None,
+):
+    """The lazy Ray Data pipeline of :func:`run_batch` (arguments as there): read, then ``replicas``
+    :class:`SwaaGenerator` actors; nothing runs until the returned ``ray.data.Dataset`` is consumed."""
+    import ray
 
     engine = dict(engine_kwargs or {})
     engine["attention_backend"] = "swaa"
@@ -337,8 +362,11 @@ def run_batch(
     # Every replica takes part: Ray Data starts handing out batches only once all replicas have built their
     # engines (otherwise the first one up takes the first batches), and gives a replica one batch at a time
     # (its engine runs one batch at a time anyway; more would queue behind it while another replica idles).
-    ray.data.DataContext.get_current().wait_for_min_actors_s = REPLICA_START_TIMEOUT_S
-    results = ds.map_batches(
+    # A dataset keeps a copy of the DataContext taken when it was read (and each derived dataset a copy of
+    # its parent's), so the wait is set on this dataset's own context: set on the process-wide context after
+    # the read, it was silently ignored and the first replica up took all rows (CI, twice).
+    ds.context.wait_for_min_actors_s = REPLICA_START_TIMEOUT_S
+    return ds.map_batches(
         SwaaGenerator,
         fn_constructor_kwargs={"model": model, "engine_kwargs": engine, "sampling": params},
         batch_size=batch_size,
@@ -348,13 +376,18 @@ def run_batch(
         # One process per replica: the engine runs inside the actor (no engine-core/worker processes).
         runtime_env={"env_vars": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}},
     )
+
+
+def _write(results, output_dir: Path, output_format: str, overwrite: bool) -> None:
+    """Run the lazy ``results`` dataset and write it to ``output_dir`` as JSONL or Parquet."""
+    from ray.data import SaveMode
+
+    out = output_dir
     mode = SaveMode.OVERWRITE if overwrite else SaveMode.APPEND
     if output_format == "jsonl":
         results.write_json(str(out.resolve()), ray_remote_args={"num_cpus": 0}, mode=mode)
-    elif output_format == "parquet":
-        results.write_parquet(str(out.resolve()), ray_remote_args={"num_cpus": 0}, mode=mode)
     else:
-        raise BatchInputError(f"--output-format {output_format!r}: use jsonl or parquet")
+        results.write_parquet(str(out.resolve()), ray_remote_args={"num_cpus": 0}, mode=mode)
 
 
 def _json_object(flag: str):
