@@ -229,10 +229,11 @@ class PagedBatch:
     block_table: torch.Tensor
     window: int | None
     prepared: dict = field(default_factory=dict)
+    #: Query rows of all segments (``query_start_loc[-1]``), read once: every layer of a step asks.
+    num_rows: int = field(init=False)
 
-    @property
-    def num_rows(self) -> int:
-        return int(self.query_start_loc[-1])
+    def __post_init__(self) -> None:
+        self.num_rows = int(self.query_start_loc[-1])
 
 
 @dataclass
@@ -464,9 +465,9 @@ def _sink_window_attention(
 def _run_batch(
     fn: PagedAttention, query: torch.Tensor, kv_cache: torch.Tensor, batch: PagedBatch, scale: float, out: torch.Tensor
 ) -> None:
-    if batch.rows is None:
+    if batch.rows is None:  # the step's rows themselves (slicing only if the buffers are padded)
         n = batch.num_rows
-        fn(query[:n], kv_cache, batch, scale, out[:n])
+        fn(query if query.shape[0] == n else query[:n], kv_cache, batch, scale, out if out.shape[0] == n else out[:n])
         return
     q = query.index_select(0, batch.rows)
     o = torch.empty_like(q)
@@ -527,4 +528,4 @@ def paged_swaa_attention(
             _run_batch(paged_attention, query, kv_cache, batch, scale, out)
     if plan.sink_window:
         _sink_window_attention(query, kv_cache, block_table, plan.sink_window, spec, scale, out, query_tile)
-    return out[:num_tokens]
+    return out if out.shape[0] == num_tokens else out[:num_tokens]
