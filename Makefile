@@ -103,12 +103,13 @@ finetune: $(ADAPTERS)/distill.jsonl
 eval-lora: $(LORA_ADAPTERS)
 	$(PY) benchmarks/accuracy_grid.py --lora --per-task 10 --adapters-dir $(ADAPTERS) $(EVAL_ARGS)
 
-# CPU speed against vLLM's CPU_ATTN (benchmarks/cpu_e2e.py, ~40 min on 2 cores; BENCH_ARGS="--models bundled"
-# for the bundled model only), then the attention op alone (benchmarks/attention_micro.py).
+# CPU speed against vLLM's CPU_ATTN (benchmarks/cpu_e2e.py: four engines measured in 5 interleaved rounds, ~30 min
+# per model on 2 cores; BENCH_ARGS="--models bundled" for the bundled model only), then the attention op alone
+# (benchmarks/attention_micro.py, printed: benchmarks/results/attention_micro.md keeps dated before/after tables).
 bench: $(STAMP)
 	$(VENV)/bin/swaa-vllm-prepare-model
 	$(PY) benchmarks/cpu_e2e.py $(BENCH_ARGS)
-	$(PY) benchmarks/attention_micro.py | tee benchmarks/results/attention_micro.md
+	$(PY) benchmarks/attention_micro.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis
