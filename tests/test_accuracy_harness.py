@@ -21,6 +21,7 @@ from swaa_vllm.evaluation.tasks import (
     make_sample,
     make_samples,
 )
+from tests.benchmark_modules import load
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -156,12 +157,7 @@ def test_generation_rejects_bad_arguments(tokenizer):
 # --- grid definition ---------------------------------------------------------------------------------
 
 def _grid_module():
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        import accuracy_grid
-    finally:
-        sys.path.pop(0)
-    return accuracy_grid
+    return load("accuracy_grid")
 
 
 def test_default_grid_mirrors_the_ablation():

@@ -4,23 +4,16 @@ computed here by hand. (The benchmark itself runs four engines for about half an
 from __future__ import annotations
 
 import statistics
-import sys
 from dataclasses import asdict
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.benchmark_modules import load
 
 
 @pytest.fixture(scope="module")
 def cpu_e2e():
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        import cpu_e2e
-    finally:
-        sys.path.pop(0)
-    return cpu_e2e
+    return load("cpu_e2e")
 
 
 def test_batch_window_starts_when_the_last_request_has_its_first_token(cpu_e2e):

@@ -4,22 +4,16 @@ numbers. (The benchmark itself takes about an hour: ``make bench-serve``.)"""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.benchmark_modules import load
 
 
 @pytest.fixture(scope="module")
 def serve_bench():
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        import serve_bench
-    finally:
-        sys.path.pop(0)
-    return serve_bench
+    return load("serve_bench")
 
 
 def test_bench_args_parse_with_vllms_own_parser(serve_bench, tmp_path):
