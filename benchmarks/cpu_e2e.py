@@ -92,11 +92,6 @@ def prefill_flops(shape: Shape, config: Config, n: int) -> float:
     return costs_prefill_flops(shape, prompt_masks(config.swaa_config, shape.layers), n)
 
 
-def decode_flops(shape: Shape, config: Config, context: int) -> float:
-    """FLOPs of one decode step at a context: every config decodes with full attention (FA decode)."""
-    return shape.linear_flops_per_token() + 4.0 * shape.heads * shape.head_dim * context * shape.layers
-
-
 # ---------------------------------------------------------------------------
 # Measurement.
 # ---------------------------------------------------------------------------
@@ -243,9 +238,8 @@ def measure_all(model: str, shape: Shape, config_list: list[Config], lengths: li
     """
     import numpy as np
 
-    bytes_per_token = shape.layers * shape.kv_heads * shape.head_dim * 2 * (4 if dtype == "float32" else 2)
     kv_tokens = kv_cache_tokens(lengths, args.decode_context, args.decode_tokens, args.batch, args.batch_context)
-    kv_bytes = kv_tokens * bytes_per_token
+    kv_bytes = kv_tokens * shape.kv_bytes_per_token(dtype)
     weights = (shape.linear_flops_per_token() / 2 + shape.vocab * shape.hidden) * (4 if dtype == "float32" else 2)
     check_memory(len(config_list), kv_bytes + int(weights))
     max_len = max(lengths + [args.decode_context + args.decode_tokens, args.batch_context + args.decode_tokens + 64])

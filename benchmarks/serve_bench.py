@@ -50,7 +50,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cpu_e2e import Config, configs, environment, write_results  # noqa: E402  (benchmarks/ is not a package)
 
-from swaa_vllm.evaluation.costs import ModelShape, prefill_flops, prompt_masks  # noqa: E402
+from swaa_vllm.evaluation.costs import ModelShape, decode_flops, prefill_flops, prompt_masks  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
@@ -90,12 +90,6 @@ def planned_runs(lengths: list[int], concurrencies: list[int], max_run_tokens: i
     return runs, skipped
 
 
-def decode_flops(shape: ModelShape, context: int) -> float:
-    """FLOPs of one decode step at ``context`` keys: linear layers plus full attention in every layer
-    (every configuration here decodes with full attention)."""
-    return shape.linear_flops_per_token() + 4.0 * shape.heads * shape.head_dim * context * shape.layers
-
-
 def request_flops(shape: ModelShape, swaa_config: dict | None, length: int, output_tokens: int) -> float:
     """FLOPs of one request: prefill of ``length`` tokens (its last row gives the first output token),
     then ``output_tokens - 1`` decode steps at contexts ``length .. length + output_tokens - 2``."""
@@ -117,7 +111,7 @@ def bounds(shape: ModelShape, base: Config, config: Config, length: int, output_
 def kv_cache_gib(shape: ModelShape, dtype: str, max_concurrency: int, max_tokens: int) -> int:
     """GiB of KV cache that hold ``max_concurrency`` requests of ``max_tokens`` tokens (10% spare, rounded up):
     ``layers * kv_heads * head_dim * 2 (K and V) * bytes per element`` per token."""
-    per_token = shape.layers * shape.kv_heads * shape.head_dim * 2 * (4 if dtype == "float32" else 2)
+    per_token = shape.kv_bytes_per_token(dtype)
     return max(1, math.ceil(1.1 * max_concurrency * max_tokens * per_token / (1 << 30)))
 
 

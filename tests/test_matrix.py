@@ -140,8 +140,7 @@ def _kv_cache_bytes(case: Case, model_dir: Path) -> int:
     from swaa_vllm.evaluation.costs import ModelShape
 
     shape = ModelShape.from_config(json.loads((model_dir / "config.json").read_text()))
-    per_token = shape.layers * shape.kv_heads * shape.head_dim * 2
-    return NUM_BLOCKS * BLOCK * per_token * (4 if case.dtype == "float32" else 2)
+    return NUM_BLOCKS * BLOCK * shape.kv_bytes_per_token(case.dtype)
 
 
 def _prompt_lengths(window: int) -> list[int]:

@@ -1,7 +1,7 @@
-"""What a SWAA plan costs, by formula: prefill FLOPs and KV cache blocks per request.
+"""What a SWAA plan costs, by formula: prefill and decode FLOPs, KV cache bytes and blocks per request.
 
-One definition shared by the CPU speed benchmark (``benchmarks/cpu_e2e.py``), the KV memory
-benchmark (``benchmarks/kv_memory.py``) and the accuracy harness's table
+One definition shared by the CPU speed benchmarks (``benchmarks/cpu_e2e.py``,
+``benchmarks/serve_bench.py``), the KV memory benchmark (``benchmarks/kv_memory.py``) and the accuracy harness's table
 (:mod:`swaa_vllm.evaluation.report`), so a plan's accuracy, speed and memory are quoted from
 the same model.
 
@@ -22,8 +22,8 @@ from dataclasses import dataclass
 
 from swaa_vllm.config import build_plan
 
-__all__ = ["ModelShape", "kv_blocks_per_request", "prefill_flops", "prefill_speedup_bound", "prompt_masks",
-           "visible_pairs"]
+__all__ = ["ModelShape", "decode_flops", "kv_blocks_per_request", "prefill_flops", "prefill_speedup_bound",
+           "prompt_masks", "visible_pairs"]
 
 
 @dataclass(frozen=True)
@@ -44,6 +44,11 @@ class ModelShape:
         heads = cfg["num_attention_heads"]
         return cls(cfg["hidden_size"], cfg["num_hidden_layers"], heads, cfg.get("num_key_value_heads", heads),
                    cfg.get("head_dim") or cfg["hidden_size"] // heads, cfg["intermediate_size"], cfg["vocab_size"])
+
+    def kv_bytes_per_token(self, dtype: str) -> int:
+        """KV cache bytes one token takes over all layers: ``layers x kv_heads x head_dim x 2`` (K and V)
+        elements of 4 bytes for ``"float32"``, 2 for the 16-bit dtypes."""
+        return self.layers * self.kv_heads * self.head_dim * 2 * (4 if dtype == "float32" else 2)
 
     def linear_flops_per_token(self) -> float:
         """2 * parameters touched per token in one forward (projections and MLP, all layers)."""
@@ -69,6 +74,11 @@ def prefill_flops(shape: ModelShape, layers: Sequence[tuple[int, int] | None], n
     """FLOPs of prefilling n tokens; ``layers``: per layer (W, k) if its prompt rows slide, else None."""
     attention = sum(4.0 * shape.heads * shape.head_dim * visible_pairs(n, layer) for layer in layers)
     return n * shape.linear_flops_per_token() + attention + 2.0 * shape.vocab * shape.hidden
+
+
+def decode_flops(shape: ModelShape, context: int) -> float:
+    """FLOPs of one decode step with full attention over ``context`` keys in every layer (FA decode)."""
+    return shape.linear_flops_per_token() + 4.0 * shape.heads * shape.head_dim * context * shape.layers
 
 
 def prompt_masks(swaa_config: dict | None, num_layers: int) -> list[tuple[int, int] | None]:
