@@ -128,19 +128,17 @@ def _params(max_tokens: int, **kwargs):
     return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, detokenize=False, **kwargs)
 
 
-def _timed(llm, prompt: list[int], max_tokens: int):
-    """``(TTFT s, decode tok/s, wall s)`` of one request, from vLLM's engine-core request timestamps."""
+def _timed(llm, prompt: list[int], max_tokens: int) -> tuple[float, float]:
+    """``(TTFT s, decode tok/s)`` of one request, from vLLM's engine-core request timestamps."""
     from vllm import TokensPrompt
 
-    start = time.perf_counter()
     out = llm.generate([TokensPrompt(prompt_token_ids=prompt)], _params(max_tokens), use_tqdm=False)[0]
-    wall = time.perf_counter() - start
     m = out.metrics
     if m is None or not m.first_token_ts:
         raise RuntimeError("vLLM returned no request metrics; the benchmark needs disable_log_stats=False")
     ttft = m.first_token_ts - m.scheduled_ts
     decode = (len(out.outputs[0].token_ids) - 1) / (m.last_token_ts - m.first_token_ts) if max_tokens > 1 else 0.0
-    return ttft, decode, wall
+    return ttft, decode
 
 
 def batch_window(steps: list[tuple[float, int, int]], batch: int, tokens: int) -> float:
@@ -275,9 +273,9 @@ def measure_all(model: str, shape: Shape, config_list: list[Config], lengths: li
             for i in order:
                 llm, res, name = llms[i], results[i], config_list[i].name
                 for n in round_lengths:
-                    ttft, _, _ = _timed(llm, round_prompts[n], 1)
+                    ttft, _ = _timed(llm, round_prompts[n], 1)
                     res.ttft_rounds.setdefault(n, []).append(ttft)
-                _, rate, _ = _timed(llm, decode_prompt, args.decode_tokens + 1)
+                _, rate = _timed(llm, decode_prompt, args.decode_tokens + 1)
                 res.decode_windows.append(rate)
                 res.batch_decode_windows.append(_batch_decode(llm, batch_prompts, args.decode_tokens))
                 ttfts = ", ".join(f"{n}: {res.ttft_rounds[n][-1]:.2f} s" for n in round_lengths)

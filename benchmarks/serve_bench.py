@@ -163,14 +163,6 @@ def run_vllm_bench(args: list[str], log: Path) -> dict:
         return bench_main(parsed)
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _wait_healthy(proc: subprocess.Popen, port: int, log: Path, timeout_s: float = 900) -> float:
     import requests
 
@@ -213,9 +205,11 @@ def serve_and_bench(model_dir: Path, config: Config, shape: ModelShape, dtype: s
                     output_tokens: int, raw_dir: Path, seed: int) -> tuple[list[Run], dict]:
     """Start one server for ``config``, run each ``(length, concurrency, prompts)`` of ``plan``, stop it; the runs
     and start-up facts."""
+    from vllm.utils.network_utils import get_open_port
+
     lengths = [length for length, _, _ in plan]
     slug = config.name.split(" (")[0].replace(", ", "-").replace(" ", "-").lower()
-    port = _free_port()
+    port = get_open_port()
     max_model_len = max(lengths) + output_tokens + 16
     # The largest run's requests all fit at once (prompt + output tokens each).
     c_max, tokens = max(((c, length + output_tokens) for length, c, _ in plan), key=lambda ct: ct[0] * ct[1])

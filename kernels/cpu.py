@@ -444,6 +444,7 @@ def _sink_window_attention(
         keys, values, _ = _gather_keys(kv_cache, block_table[r], [(0, k_sinks), (lo, hi)])
         keys, values = keys.to(query.dtype), values.to(query.dtype)
         hkv = keys.shape[0]
+        group = h // hkv
         span = k_sinks + window + min(query_tile, end - first) - 1
         tile_k = torch.empty(hkv, span, d, dtype=query.dtype)
         tile_v = torch.empty_like(tile_k)
@@ -456,7 +457,6 @@ def _sink_window_attention(
             n = window + rows - 1
             tile_k[:, k_sinks:k_sinks + n] = keys[:, a:a + n]
             tile_v[:, k_sinks:k_sinks + n] = values[:, a:a + n]
-            group = h // hkv
             mask = None if rows == 1 else _sink_window_tile_mask(rows, window, k_sinks, group, query.dtype)
             out[t0:t1] = _attend(query[t0:t1], tile_k[:, :k_sinks + n], tile_v[:, :k_sinks + n], mask, scale,
                                  mask_grouped=True)

@@ -382,12 +382,11 @@ def _write(results, output_dir: Path, output_format: str, overwrite: bool) -> No
     """Run the lazy ``results`` dataset and write it to ``output_dir`` as JSONL or Parquet."""
     from ray.data import SaveMode
 
-    out = output_dir
     mode = SaveMode.OVERWRITE if overwrite else SaveMode.APPEND
     if output_format == "jsonl":
-        results.write_json(str(out.resolve()), ray_remote_args={"num_cpus": 0}, mode=mode)
+        results.write_json(str(output_dir.resolve()), ray_remote_args={"num_cpus": 0}, mode=mode)
     else:
-        results.write_parquet(str(out.resolve()), ray_remote_args={"num_cpus": 0}, mode=mode)
+        results.write_parquet(str(output_dir.resolve()), ray_remote_args={"num_cpus": 0}, mode=mode)
 
 
 def _json_object(flag: str):
