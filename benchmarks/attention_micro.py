@@ -7,11 +7,15 @@ bf16, block size 128). For each prompt length n it times one layer's
   contiguous tensors (the reference point the issue names), vLLM's CPU attention op
   (``CPU_ATTN``'s kernel) over the paged cache, and ``swaa_kernels.cpu.paged_swaa_attention``
   as the backend runs it for a full layer and for a sliding layer (W, k);
-* decode of one token at context n: the same four.
+  the sliding layer twice: sink-window rows on the native C++ kernel and on the torch path
+  (``sink_window_kernel``; the native column is empty where the kernel does not build);
+* decode of one token at context n: the same.
 
-and prints the times with the ratios ``sdpa / swaa`` (prefill: the FLOP ratio of a
-sliding layer against a full one is ``n / 2 / (W + k)`` roughly), and for prefill the FLOP
-rates: ``4 * heads * head_size`` per query-key pair the mask lets a row see
+Each repeat times every variant once, in turn, and the table gives medians over the repeats
+(a 2-core VM drifts by more than the differences measured; interleaving keeps the ratios
+within one row honest). It prints the times with the ratios ``sdpa / swaa`` (prefill: the
+FLOP ratio of a sliding layer against a full one is ``n / 2 / (W + k)`` roughly), and for
+prefill the FLOP rates: ``4 * heads * head_size`` per query-key pair the mask lets a row see
 (:func:`swaa_vllm.evaluation.costs.visible_pairs`) per second, for vLLM's op (causal) and for
 the swaa sliding layer (its sink-window rows, plus the early rows that go to the op), and their
 ratio ``sliding rate / op rate`` (issue 16's target: >= 0.9). dtype: bfloat16 on CPUs with
@@ -22,11 +26,13 @@ native bf16, float32 elsewhere (``--dtype``). Run:
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import torch
 import torch.nn.functional as F
 
+from swaa_kernels import sink_window_native
 from swaa_kernels.cpu import LayerMaskSpec, paged_swaa_attention, torch_paged_attention, write_kv_cache
 from swaa_vllm.evaluation.costs import visible_pairs
 from swaa_vllm.platforms.cpu_attention_op import VllmCpuPagedAttention, cpu_attention_isa
@@ -35,12 +41,17 @@ from swaa_vllm.platforms.cpu_features import benchmark_dtype, cpu_model, describ
 HEADS, KV_HEADS, HEAD_SIZE, BLOCK = 9, 3, 64, 128
 
 
-def _time(fn, repeats: int) -> float:
-    fn()
-    start = time.perf_counter()
+def _time_interleaved(fns: dict, repeats: int) -> dict[str, float]:
+    """Median seconds per call of each function; each repeat calls every function once, in turn."""
+    for fn in fns.values():
+        fn()  # warm-up
+    times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
-        fn()
-    return (time.perf_counter() - start) / repeats
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def main() -> None:
@@ -48,7 +59,7 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8192, 16384])
     parser.add_argument("--window", type=int, default=1024)
     parser.add_argument("--keep-first", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats per variant (median)")
     parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                         help="auto: bfloat16 with native bf16 (AVX-512 BF16 / AMX), else float32")
     args = parser.parse_args()
@@ -59,12 +70,19 @@ def main() -> None:
     vllm_op = VllmCpuPagedAttention(cpu_attention_isa(BLOCK, HEAD_SIZE))
     sliding = LayerMaskSpec(args.window, args.keep_first, True)
     full = LayerMaskSpec(None)
+    try:
+        sink_window_native.load()
+        native = True
+    except sink_window_native.NativeKernelError as exc:
+        print(f"native sink-window kernel unavailable: {exc}")
+        native = False
     print(f"{cpu_model()}, {describe()}; threads={torch.get_num_threads()} dtype={args.dtype} W={args.window} "
-          f"k={args.keep_first}")
-    print("| phase | tokens | sdpa causal (ms) | vLLM op (ms) | swaa full layer (ms) | swaa sliding layer (ms) "
-          "| sdpa/swaa full | sdpa/swaa sliding | torch-only swaa sliding (ms) | op GFLOP/s | sliding GFLOP/s "
-          "| sliding rate / op rate |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+          f"k={args.keep_first} repeats={args.repeats} (medians)")
+    print("| phase | tokens | sdpa causal (ms) | vLLM op (ms) | swaa full layer (ms) | swaa sliding, native (ms) "
+          "| swaa sliding, torch sink-window (ms) | torch-only swaa sliding (ms) | sdpa/swaa full "
+          "| sdpa/swaa sliding native | op GFLOP/s | sliding native GFLOP/s | sliding torch GFLOP/s "
+          "| sliding rate / op rate: native | torch |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for n in args.lengths:
         q = torch.randn(n, HEADS, HEAD_SIZE, dtype=dtype)
         k = torch.randn(n, KV_HEADS, HEAD_SIZE, dtype=dtype)
@@ -81,10 +99,10 @@ def main() -> None:
             reps = args.repeats if phase == "prefill" else 20 * args.repeats
 
             # Each closure is timed within its iteration; the defaults bind this iteration's tensors.
-            def swaa(spec, prim=vllm_op, query=query, qsl=qsl, prompt=prompt, kv_cache=kv_cache, table=table,
-                     seq=seq):
+            def swaa(spec, prim=vllm_op, kernel="torch", query=query, qsl=qsl, prompt=prompt, kv_cache=kv_cache,
+                     table=table, seq=seq):
                 return lambda: paged_swaa_attention(query, kv_cache, table, qsl, seq, prompt, spec, scale,
-                                                    paged_attention=prim)
+                                                    paged_attention=prim, sink_window_kernel=kernel)
 
             def sdpa(query=query, q_len=q_len, k=k, v=v):
                 # Prefill: causal over n; decode: one query over all n keys (no mask needed).
@@ -98,17 +116,23 @@ def main() -> None:
                 batch = plan_rows(qsl, seq, seq, table, full).causal
                 vllm_op(query, kv_cache, batch, scale, torch.empty_like(query))
 
-            t_sdpa, t_op = _time(sdpa, reps), _time(op, reps)
-            t_full, t_slide = _time(swaa(full), reps), _time(swaa(sliding), reps)
-            t_torch = _time(swaa(sliding, torch_paged_attention), reps)
-            rates = "| | |"
+            fns = {"sdpa": sdpa, "op": op, "full": swaa(full), "slide_torch": swaa(sliding),
+                   "torch_only": swaa(sliding, torch_paged_attention)}
+            if native:
+                fns["slide_native"] = swaa(sliding, kernel="native")
+            t = _time_interleaved(fns, reps)
+            t_native = t.get("slide_native", float("nan"))
+            rates = "| | | | |"
             if phase == "prefill":
                 per_pair = 4.0 * HEADS * HEAD_SIZE
-                op_rate = per_pair * visible_pairs(n, None) / t_op / 1e9
-                slide_rate = per_pair * visible_pairs(n, (args.window, args.keep_first)) / t_slide / 1e9
-                rates = f"{op_rate:.1f} | {slide_rate:.1f} | {slide_rate / op_rate:.2f} |"
-            print(f"| {phase} | {n} | {t_sdpa * 1e3:.2f} | {t_op * 1e3:.2f} | {t_full * 1e3:.2f} | {t_slide * 1e3:.2f} "
-                  f"| {t_sdpa / t_full:.2f} | {t_sdpa / t_slide:.2f} | {t_torch * 1e3:.2f} | {rates}", flush=True)
+                op_rate = per_pair * visible_pairs(n, None) / t["op"] / 1e9
+                pairs = per_pair * visible_pairs(n, (args.window, args.keep_first))
+                native_rate, torch_rate = pairs / t_native / 1e9, pairs / t["slide_torch"] / 1e9
+                rates = (f"{op_rate:.1f} | {native_rate:.1f} | {torch_rate:.1f} | {native_rate / op_rate:.2f} "
+                         f"| {torch_rate / op_rate:.2f} |")
+            print(f"| {phase} | {n} | {t['sdpa'] * 1e3:.2f} | {t['op'] * 1e3:.2f} | {t['full'] * 1e3:.2f} "
+                  f"| {t_native * 1e3:.2f} | {t['slide_torch'] * 1e3:.2f} | {t['torch_only'] * 1e3:.2f} "
+                  f"| {t['sdpa'] / t['full']:.2f} | {t['sdpa'] / t_native:.2f} | {rates}", flush=True)
 
 
 if __name__ == "__main__":

@@ -20,11 +20,13 @@ Causal and windowed rows go to a *paged attention primitive*
 this module), in the vLLM backend vLLM's own C++ CPU attention op
 (``swaa_vllm.platforms.cpu_attention_op``), the kernel behind vLLM's ``CPU_ATTN`` backend, so
 full-attention layers and full-attention decode run exactly as fast as there.
-Sink-window rows, which no library kernel expresses, are attended here in query tiles
-of ``query_tile`` rows; each tile is given only its keys (the sinks and the window
-of its rows), so a sliding layer's prefill costs O(n * (W + k + query_tile)), not
-O(n^2 / 2), and the exact mask inside a tile is applied by torch's fused
-``scaled_dot_product_attention``.
+Sink-window rows, which no library kernel expresses, read only their keys (the sinks
+and the window of the run's rows), so a sliding layer's prefill costs
+O(n * (W + k)), not O(n^2 / 2). They are attended either by this project's C++
+kernel (``sink_window_kernel="native"``, :mod:`swaa_kernels.sink_window_native`:
+flash-attention with the two key ranges, AVX-512) or in torch, in query tiles of
+``query_tile`` rows whose exact mask is applied by torch's fused
+``scaled_dot_product_attention`` (``"torch"``).
 
 **Cache layout** (vLLM's CPU attention layout, ISA ``vec``/``vec16``; checked against
 vLLM's own writer by ``tests/test_cpu_kernel.py`` and at backend start-up): one
@@ -43,6 +45,8 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+
+from swaa_kernels.sink_window_native import native_sink_window_attention, supports
 
 __all__ = [
     "FULL_ATTENTION",
@@ -427,20 +431,28 @@ def _sink_window_attention(
     scale: float,
     out: torch.Tensor,
     query_tile: int,
+    native: bool,
 ) -> None:
-    """Sink-window rows (positions >= W + k), tile by tile: keys ``[0, k)`` + the tile's window.
+    """Sink-window rows (positions >= W + k): keys ``[0, k)`` + each row's window.
 
-    Per run, the keys ``[0, k)`` and ``[p - W + 1, p_end)`` are read from the paged cache once (one
-    gather, :func:`_gather_keys`); each tile then copies its window slice next to the sinks in a tile
-    buffer and attends with the cached mask of :func:`_sink_window_tile_mask` (torch's fused CPU
-    attention with an additive mask). Reading the cache per tile instead cost ~(W + tile) / tile gathers
-    of every key; building the mask per tile cost as much again (measured: 2k-token float32 layer, AVX2).
+    With ``native``, each run (rows of one request from position ``p``) goes to the C++ kernel
+    (:mod:`swaa_kernels.sink_window_native`), which reads its keys from the paged cache itself.
+    Otherwise the run's keys ``[0, k)`` and ``[p - W + 1, p_end)`` are read from the paged cache once
+    (one gather, :func:`_gather_keys`), and each tile of ``query_tile`` rows copies its
+    window slice next to the sinks in a tile buffer and attends with the cached mask of
+    :func:`_sink_window_tile_mask` (torch's fused CPU attention with an additive mask). Reading the
+    cache per tile instead cost ~(W + tile) / tile gathers of every key; building the mask per tile
+    cost as much again (measured: 2k-token float32 layer, AVX2).
     """
     k_sinks, window = spec.keep_first, spec.window
     h, d = query.shape[1], query.shape[2]
     for r, first, end, position in runs:
         lo, hi = position - window + 1, position + end - first  # window keys of the whole run
         # position >= W + k, so lo > k: the two ranges are disjoint.
+        if native:
+            native_sink_window_attention(query[first:end], kv_cache, block_table[r], out[first:end], k_sinks, window,
+                                         position, scale)
+            continue
         keys, values, _ = _gather_keys(kv_cache, block_table[r], [(0, k_sinks), (lo, hi)])
         keys, values = keys.to(query.dtype), values.to(query.dtype)
         hkv = keys.shape[0]
@@ -489,6 +501,7 @@ def paged_swaa_attention(
     plan: RowPlan | None = None,
     paged_attention: PagedAttention = torch_paged_attention,
     query_tile: int = 128,
+    sink_window_kernel: str = "torch",
 ) -> torch.Tensor:
     """SWAA attention of a batch of requests whose keys are in a paged cache.
 
@@ -510,14 +523,21 @@ def paged_swaa_attention(
         out: optional ``[>= num_tokens, num_heads, head_size]`` output buffer.
         plan: :func:`plan_rows` of these arguments, when the caller caches it per step.
         paged_attention: the primitive for causal and windowed rows.
-        query_tile: query rows per sink-window attention call.
+        query_tile: query rows per sink-window attention call of the torch path.
+        sink_window_kernel: ``"torch"`` (fused torch attention per query tile) or ``"native"``
+            (:mod:`swaa_kernels.sink_window_native`, built on first use). A head layout the native
+            kernel does not serve (:func:`~swaa_kernels.sink_window_native.supports`) takes the
+            torch path.
 
     Returns:
         ``[num_tokens, num_heads, head_size]`` in ``query.dtype`` (``out`` if given).
 
     Raises:
-        ValueError: if a request's query is longer than its sequence.
+        ValueError: if a request's query is longer than its sequence, or ``sink_window_kernel``
+            is not ``"torch"`` or ``"native"``.
     """
+    if sink_window_kernel not in ("torch", "native"):
+        raise ValueError(f"sink_window_kernel must be 'torch' or 'native', got {sink_window_kernel!r}")
     num_tokens = query.shape[0]
     if out is None:
         out = torch.empty_like(query)
@@ -527,5 +547,6 @@ def paged_swaa_attention(
         if batch is not None:
             _run_batch(paged_attention, query, kv_cache, batch, scale, out)
     if plan.sink_window:
-        _sink_window_attention(query, kv_cache, block_table, plan.sink_window, spec, scale, out, query_tile)
+        native = sink_window_kernel == "native" and supports(query.shape[1], kv_cache.shape[1], query.shape[2])
+        _sink_window_attention(query, kv_cache, block_table, plan.sink_window, spec, scale, out, query_tile, native)
     return out if out.shape[0] == num_tokens else out[:num_tokens]

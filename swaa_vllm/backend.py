@@ -22,6 +22,7 @@ the attention paths never load.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -44,6 +45,7 @@ from vllm.v1.kv_cache_interface import AttentionSpec
 from vllm.v1.kv_cache_layout import KVCacheLayout
 
 from swaa_kernels.cpu import LayerMaskSpec, RowPlan, paged_swaa_attention, plan_rows
+from swaa_kernels.sink_window_native import ENV_VAR, kernel_choice
 from swaa_vllm.config import SwaaPlan, plan_from_hf_config
 from swaa_vllm.platforms.cpu_attention_op import (
     SUPPORTED_HEAD_SIZES,
@@ -56,6 +58,24 @@ from swaa_vllm.prompt_lengths import RunnerPromptLengths
 from swaa_vllm.vllm_shims import BACKEND_NAME
 
 logger = init_logger("vllm.swaa")  # under "vllm" so that vLLM's log config shows it
+
+
+@functools.cache
+def cpu_sink_window_kernel() -> str:
+    """The CPU sink-window kernel of this process, ``"native"`` or ``"torch"``, logged once.
+
+    :func:`swaa_kernels.sink_window_native.kernel_choice` (``SWAA_CPU_SINK_WINDOW_KERNEL``),
+    resolved when the first attention layer of a model with sink-window layers is built on CPU
+    (model construction at engine start-up: a bad value or a failed ``native`` build stops the
+    engine there, and the one-time build, ~10 s, happens before the first request).
+
+    Raises:
+        ValueError, NativeKernelError: from ``kernel_choice``.
+    """
+    choice = kernel_choice()
+    detail = "C++ kernel, built for this CPU" if choice == "native" else "torch's fused attention per query tile"
+    logger.info("swaa: CPU sink-window rows on the %s path (%s; %s=auto|native|torch)", choice, detail, ENV_VAR)
+    return choice
 
 
 class SwaaAttentionBackend(AttentionBackend):
@@ -257,6 +277,9 @@ class SwaaAttentionImpl(AttentionImpl[SwaaMetadata]):
         self._layer_specs: dict[str, LayerMaskSpec] = {}
         self._cpu_isa: str | None = None
         self._paged_attention: VllmCpuPagedAttention | None = None
+        self._sink_window_kernel = "torch"
+        if current_platform.is_cpu() and any(not spec.is_full and spec.keep_first > 0 for spec in self.plan.layers):
+            self._sink_window_kernel = cpu_sink_window_kernel()  # at model construction: errors stop the start-up
 
     def _isa(self, kv_cache: torch.Tensor) -> str:
         """ISA of vLLM's CPU attention op for this cache, its layout checked once per process."""
@@ -330,5 +353,6 @@ class SwaaAttentionImpl(AttentionImpl[SwaaMetadata]):
             out=output[:n].view(n, self.num_heads, self.head_size),
             plan=attn_metadata.plan_for(spec),
             paged_attention=self._paged_attention,
+            sink_window_kernel=self._sink_window_kernel,
         )
         return output

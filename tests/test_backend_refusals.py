@@ -47,3 +47,37 @@ def test_kv_connectors_are_refused():
         attn_type="decoder", use_kv_connector=True,
     )
     assert "KV connector not supported" in reasons
+
+
+def _impl_for(monkeypatch, swaa_config):
+    import swaa_vllm.backend as backend
+
+    hf_config = types.SimpleNamespace(num_hidden_layers=4, model_type="llama", swaa_config=swaa_config)
+    monkeypatch.setattr(
+        backend, "get_current_vllm_config", lambda: types.SimpleNamespace(model_config=types.SimpleNamespace(
+            hf_config=hf_config))
+    )
+    backend.cpu_sink_window_kernel.cache_clear()
+    try:
+        return SwaaAttentionImpl(num_heads=2, head_size=64, scale=0.125, num_kv_heads=1)
+    finally:
+        backend.cpu_sink_window_kernel.cache_clear()
+
+
+def test_bad_sink_window_kernel_choice_stops_model_construction(monkeypatch):
+    """SWAA_CPU_SINK_WINDOW_KERNEL is read when the layers are built (start-up), not at the first request."""
+    monkeypatch.setenv("SWAA_CPU_SINK_WINDOW_KERNEL", "fastest")
+    with pytest.raises(ValueError, match="SWAA_CPU_SINK_WINDOW_KERNEL must be auto, native or torch"):
+        _impl_for(monkeypatch, {"sliding_window_size": 16, "keep_first": 4})
+    monkeypatch.setenv("SWAA_CPU_SINK_WINDOW_KERNEL", "torch")
+    assert _impl_for(monkeypatch, {"sliding_window_size": 16, "keep_first": 4})._sink_window_kernel == "torch"
+    monkeypatch.setenv("SWAA_CPU_SINK_WINDOW_KERNEL", "native")
+    assert _impl_for(monkeypatch, {"sliding_window_size": 16, "keep_first": 4})._sink_window_kernel == "native"
+
+
+def test_models_without_sink_window_layers_never_build_the_kernel(monkeypatch):
+    import swaa_vllm.backend as backend
+
+    monkeypatch.setattr(backend, "kernel_choice", lambda: pytest.fail("kernel chosen without sink-window layers"))
+    for swaa_config in (None, {"sliding_window_size": 16, "keep_first": 0}):
+        assert _impl_for(monkeypatch, swaa_config)._sink_window_kernel == "torch"

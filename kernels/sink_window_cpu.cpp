@@ -1,0 +1,543 @@
+// Sink-window attention on CPU: the rows of a sliding layer that see the sinks [0, k) and the window (i - W, i].
+//
+// Flash-attention forward (Dao et al., FlashAttention, arXiv 2205.14135, Algorithm 1: online softmax over key
+// blocks) specialised to SWAA's two key ranges (shared/SWAA.md). Built once per machine by
+// swaa_kernels.sink_window_native (torch.utils.cpp_extension, -march=native) and called from
+// swaa_kernels.cpu._sink_window_attention.
+//
+// One call = one run of consecutive sink-window rows of one request, read straight from vLLM's paged CPU cache
+// (see sink_window_attention below for the arguments). The run's keys (sinks, then the window keys from position
+// first_position - W + 1) are first packed into blocks of 32 keys (pack_keys); key index u < k is sink u, u >= k
+// the window key first_position - W + 1 + (u - k), so row r (position first_position + r) sees key indices [0, k)
+// and [k + r, k + r + W).
+//
+// Work unit: one KV head and a tile of ROWS_PER_TILE rows, all `group` query heads of that KV head ("pairs" of
+// (row, head)); each 32-key block of K and V is read from L2 once per unit and used by every pair of the tile.
+// The micro-kernels keep MR pairs x 32 scores (QK^T) and PR pairs x 64 output lanes (PV) in registers.
+// Arithmetic: float32 FMAs on float32/float16 inputs (widened when packed); bfloat16 on CPUs with AVX512_BF16 uses
+// VDPBF16PS for QK^T (exact products, float32 sums) and for PV (probabilities rounded to bf16, as FlashAttention
+// does; softmax statistics in float32). On machines without AVX-512 the same loops run on a portable 16-lane
+// vector type (correct, not tuned: swaa_kernels.sink_window_native picks the torch path there by default).
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+constexpr int KB = 32;             // keys per block: two 16-lane vectors
+// Tile sizes: measured best of MR 4/6/8/12, PR 2/4/6 and 8/16/32 rows (8k bf16 and float32 layers, AMD EPYC).
+constexpr int MR = 8;              // (row, head) pairs per QK micro-kernel: 16 score accumulators
+constexpr int PR = 4;              // pairs per PV micro-kernel: 16 output accumulators for 64 head dimensions
+constexpr int ROWS_PER_TILE = 16;  // rows per work unit
+constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
+constexpr float MAX_SLACK = 8.0f;  // see the online softmax in attend_unit
+
+#if defined(__AVX512F__)
+struct Vec {
+  __m512 v;
+  static Vec zero() { return {_mm512_setzero_ps()}; }
+  static Vec set1(float x) { return {_mm512_set1_ps(x)}; }
+  static Vec load(const float* p) { return {_mm512_loadu_ps(p)}; }
+  void store(float* p) const { _mm512_storeu_ps(p, v); }
+  friend Vec fmadd(Vec a, Vec b, Vec c) { return {_mm512_fmadd_ps(a.v, b.v, c.v)}; }
+  friend Vec operator*(Vec a, Vec b) { return {_mm512_mul_ps(a.v, b.v)}; }
+  friend Vec operator-(Vec a, Vec b) { return {_mm512_sub_ps(a.v, b.v)}; }
+  friend Vec operator+(Vec a, Vec b) { return {_mm512_add_ps(a.v, b.v)}; }
+  friend Vec vmax(Vec a, Vec b) { return {_mm512_max_ps(a.v, b.v)}; }
+  // Lanes whose bit is clear in `keep` become x.
+  Vec keep_or(uint32_t keep, float x) const { return {_mm512_mask_mov_ps(_mm512_set1_ps(x), __mmask16(keep), v)}; }
+  float hmax() const { return _mm512_reduce_max_ps(v); }
+  float hsum() const { return _mm512_reduce_add_ps(v); }
+  // e^x for x <= 0 (scores minus their running max): Cody-Waite reduction x = n ln2 + r, |r| <= ln2 / 2,
+  // degree-6 Taylor polynomial of e^r (relative error < 2e-7 on the interval), times 2^n by scalef.
+  // Arguments below -87 (and -inf) give exactly 0.
+  Vec exp() const {
+    const __m512 x = _mm512_max_ps(v, _mm512_set1_ps(-87.0f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.0f / 720);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    const __mmask16 live = _mm512_cmp_ps_mask(v, _mm512_set1_ps(-87.0f), _CMP_GT_OQ);
+    return {_mm512_maskz_mov_ps(live, _mm512_scalef_ps(p, n))};
+  }
+};
+#else
+struct Vec {  // portable fallback: same algorithm, scalar loops the compiler may vectorise
+  float a[16];
+  static Vec zero() { return set1(0.0f); }
+  static Vec set1(float x) { Vec r; for (int i = 0; i < 16; ++i) r.a[i] = x; return r; }
+  static Vec load(const float* p) { Vec r; for (int i = 0; i < 16; ++i) r.a[i] = p[i]; return r; }
+  void store(float* p) const { for (int i = 0; i < 16; ++i) p[i] = a[i]; }
+  friend Vec fmadd(Vec x, Vec y, Vec z) { Vec r; for (int i = 0; i < 16; ++i) r.a[i] = x.a[i] * y.a[i] + z.a[i]; return r; }
+  friend Vec operator*(Vec x, Vec y) { Vec r; for (int i = 0; i < 16; ++i) r.a[i] = x.a[i] * y.a[i]; return r; }
+  friend Vec operator-(Vec x, Vec y) { Vec r; for (int i = 0; i < 16; ++i) r.a[i] = x.a[i] - y.a[i]; return r; }
+  friend Vec operator+(Vec x, Vec y) { Vec r; for (int i = 0; i < 16; ++i) r.a[i] = x.a[i] + y.a[i]; return r; }
+  friend Vec vmax(Vec x, Vec y) { Vec r; for (int i = 0; i < 16; ++i) r.a[i] = std::max(x.a[i], y.a[i]); return r; }
+  Vec keep_or(uint32_t keep, float x) const { Vec r; for (int i = 0; i < 16; ++i) r.a[i] = (keep >> i) & 1u ? a[i] : x; return r; }
+  float hmax() const { float m = a[0]; for (int i = 1; i < 16; ++i) m = std::max(m, a[i]); return m; }
+  float hsum() const { float s = 0.0f; for (int i = 0; i < 16; ++i) s += a[i]; return s; }
+  Vec exp() const { Vec r; for (int i = 0; i < 16; ++i) r.a[i] = a[i] > -87.0f ? std::exp(a[i]) : 0.0f; return r; }
+};
+#endif
+
+// Bits [lo, hi) of a 32-bit lane mask (0 <= lo, hi <= 32).
+inline uint32_t bit_range(int lo, int hi) {
+  if (hi <= lo) return 0u;
+  const uint64_t upper = (uint64_t{1} << hi) - 1u;
+  const uint64_t lower = (uint64_t{1} << lo) - 1u;
+  return uint32_t(upper & ~lower);
+}
+
+// Keeps a loaded vector in a register: without it GCC folds the load into every FMA that uses it (one 64-byte load
+// per FMA instead of one per key), which makes the PV loop load-bound (measured: PV 1.25x the time of QK^T at the
+// same FLOPs, AMD EPYC).
+inline void keep_in_register([[maybe_unused]] Vec& x) {
+#if defined(__AVX512F__)
+  asm volatile("" : "+v"(x.v));
+#endif
+}
+
+// s[m][0:32] = q_m . k_u for the 32 keys of one packed block (kt: D rows of 32 keys).
+template <int M>
+inline void qk_block(const float* const* q, const float* kt, int D, float (*s)[KB]) {
+  Vec a0[M], a1[M];
+#pragma GCC unroll 8
+  for (int m = 0; m < M; ++m) { a0[m] = Vec::zero(); a1[m] = Vec::zero(); }
+  for (int d = 0; d < D; ++d) {
+    const Vec k0 = Vec::load(kt + d * KB), k1 = Vec::load(kt + d * KB + 16);
+#pragma GCC unroll 8
+    for (int m = 0; m < M; ++m) {
+      const Vec b = Vec::set1(q[m][d]);
+      a0[m] = fmadd(b, k0, a0[m]);
+      a1[m] = fmadd(b, k1, a1[m]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int m = 0; m < M; ++m) { a0[m].store(s[m]); a1[m].store(s[m] + 16); }
+}
+
+#if defined(__AVX512BF16__)
+constexpr bool BF16_DOT = true;
+// BFloat16 inputs on CPUs with AVX512_BF16: s[m][0:32] = q_m . k_u with VDPBF16PS (each fp32 lane adds the two
+// products of a pair of head dimensions; the products of two bf16 values are exact in fp32). kt: D / 2 rows of
+// 32 keys x 2 dimensions; q: the row's bf16 pairs. Half the instructions of the float32 loop.
+template <int M>
+inline void qk_block_bf16(const uint32_t* const* q, const uint16_t* kt, int D, float (*s)[KB]) {
+  __m512 a0[M], a1[M];
+#pragma GCC unroll 8
+  for (int m = 0; m < M; ++m) { a0[m] = _mm512_setzero_ps(); a1[m] = _mm512_setzero_ps(); }
+  for (int dp = 0; dp < D / 2; ++dp) {
+    const __m512bh k0 = (__m512bh)_mm512_loadu_si512(kt + dp * 2 * KB);
+    const __m512bh k1 = (__m512bh)_mm512_loadu_si512(kt + dp * 2 * KB + KB);
+#pragma GCC unroll 8
+    for (int m = 0; m < M; ++m) {
+      const __m512bh b = (__m512bh)_mm512_set1_epi32(int(q[m][dp]));
+      a0[m] = _mm512_dpbf16_ps(a0[m], b, k0);
+      a1[m] = _mm512_dpbf16_ps(a1[m], b, k1);
+    }
+  }
+#pragma GCC unroll 8
+  for (int m = 0; m < M; ++m) { _mm512_storeu_ps(s[m], a0[m]); _mm512_storeu_ps(s[m] + 16, a1[m]); }
+}
+
+void qk_dispatch_bf16(int m, const uint32_t* const* q, const uint16_t* kt, int D, float (*s)[KB]) {
+  switch (m) {
+    case 8: qk_block_bf16<8>(q, kt, D, s); break;
+    case 7: qk_block_bf16<7>(q, kt, D, s); break;
+    case 6: qk_block_bf16<6>(q, kt, D, s); break;
+    case 5: qk_block_bf16<5>(q, kt, D, s); break;
+    case 4: qk_block_bf16<4>(q, kt, D, s); break;
+    case 3: qk_block_bf16<3>(q, kt, D, s); break;
+    case 2: qk_block_bf16<2>(q, kt, D, s); break;
+    default: qk_block_bf16<1>(q, kt, D, s); break;
+  }
+}
+// acc[p][dc : dc + 16 * NV] = alpha[p] * acc[p][...] + sum_u prob[p][u] * v[u][...] with VDPBF16PS over pairs of
+// keys: prob16 holds each pair's probabilities rounded to bf16, two keys per 32-bit lane, v16 the block's values as
+// [16 key pairs][D][2] bf16 (rounding P to bf16 before PV is what FlashAttention does for bf16; the row sums
+// stay float32).
+template <int P, int NV>
+inline void pv_block_bf16(float* const* acc, const float* alpha, const uint32_t (*prob16)[KB / 2], const uint16_t* v16,
+                          int D, int dc) {
+  __m512 o[P][NV];
+#pragma GCC unroll 4
+  for (int p = 0; p < P; ++p) {
+    const __m512 a = _mm512_set1_ps(alpha[p]);
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; ++j) o[p][j] = _mm512_mul_ps(_mm512_loadu_ps(acc[p] + dc + 16 * j), a);
+  }
+  for (int up = 0; up < KB / 2; ++up) {
+    __m512bh vr[NV];
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; ++j) {
+      vr[j] = (__m512bh)_mm512_loadu_si512(v16 + (int64_t(up) * D + dc + 16 * j) * 2);
+      asm volatile("" : "+v"(vr[j]));  // see keep_in_register
+    }
+#pragma GCC unroll 4
+    for (int p = 0; p < P; ++p) {
+      const __m512bh b = (__m512bh)_mm512_set1_epi32(int(prob16[p][up]));
+#pragma GCC unroll 4
+      for (int j = 0; j < NV; ++j) o[p][j] = _mm512_dpbf16_ps(o[p][j], b, vr[j]);
+    }
+  }
+#pragma GCC unroll 4
+  for (int p = 0; p < P; ++p)
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; ++j) _mm512_storeu_ps(acc[p] + dc + 16 * j, o[p][j]);
+}
+
+template <int P>
+inline void pv_block_bf16_all(float* const* acc, const float* alpha, const uint32_t (*prob16)[KB / 2],
+                              const uint16_t* v16, int D) {
+  int dc = 0;
+  for (; dc + 64 <= D; dc += 64) pv_block_bf16<P, 4>(acc, alpha, prob16, v16, D, dc);
+  switch ((D - dc) / 16) {
+    case 3: pv_block_bf16<P, 3>(acc, alpha, prob16, v16, D, dc); break;
+    case 2: pv_block_bf16<P, 2>(acc, alpha, prob16, v16, D, dc); break;
+    case 1: pv_block_bf16<P, 1>(acc, alpha, prob16, v16, D, dc); break;
+    default: break;
+  }
+}
+
+void pv_dispatch_bf16(int p, float* const* acc, const float* alpha, const uint32_t (*prob16)[KB / 2],
+                      const uint16_t* v16, int D) {
+  switch (p) {
+    case 4: pv_block_bf16_all<4>(acc, alpha, prob16, v16, D); break;
+    case 3: pv_block_bf16_all<3>(acc, alpha, prob16, v16, D); break;
+    case 2: pv_block_bf16_all<2>(acc, alpha, prob16, v16, D); break;
+    default: pv_block_bf16_all<1>(acc, alpha, prob16, v16, D); break;
+  }
+}
+
+inline void store_bf16_pairs(uint32_t* dst, const __m512 e0, const __m512 e1) {
+  _mm512_storeu_si512(dst, (__m512i)_mm512_cvtne2ps_pbh(e1, e0));  // lanes 0-15 from e0, 16-31 from e1
+}
+#else
+constexpr bool BF16_DOT = false;
+#endif
+
+// acc[p][dc : dc + 16 * NV] = alpha[p] * acc[p][...] + sum_u prob[p][u] * v[u][...] for P pairs.
+template <int P, int NV>
+inline void pv_block(float* const* acc, const float* alpha, const float (*prob)[KB], const float* v, int D,
+                     int dc) {
+  Vec o[P][NV];
+#pragma GCC unroll 4
+  for (int p = 0; p < P; ++p) {
+    const Vec a = Vec::set1(alpha[p]);
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; ++j) o[p][j] = Vec::load(acc[p] + dc + 16 * j) * a;
+  }
+  for (int u = 0; u < KB; ++u) {
+    Vec vr[NV];
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; ++j) {
+      vr[j] = Vec::load(v + int64_t(u) * D + dc + 16 * j);
+      keep_in_register(vr[j]);
+    }
+#pragma GCC unroll 4
+    for (int p = 0; p < P; ++p) {
+      const Vec b = Vec::set1(prob[p][u]);
+#pragma GCC unroll 4
+      for (int j = 0; j < NV; ++j) o[p][j] = fmadd(b, vr[j], o[p][j]);
+    }
+  }
+#pragma GCC unroll 4
+  for (int p = 0; p < P; ++p)
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; ++j) o[p][j].store(acc[p] + dc + 16 * j);
+}
+
+template <int P>
+inline void pv_block_all(float* const* acc, const float* alpha, const float (*prob)[KB], const float* v, int D) {
+  int dc = 0;
+  for (; dc + 64 <= D; dc += 64) pv_block<P, 4>(acc, alpha, prob, v, D, dc);
+  switch ((D - dc) / 16) {
+    case 3: pv_block<P, 3>(acc, alpha, prob, v, D, dc); break;
+    case 2: pv_block<P, 2>(acc, alpha, prob, v, D, dc); break;
+    case 1: pv_block<P, 1>(acc, alpha, prob, v, D, dc); break;
+    default: break;
+  }
+}
+
+void qk_dispatch(int m, const float* const* q, const float* kt, int D, float (*s)[KB]) {
+  switch (m) {
+    case 8: qk_block<8>(q, kt, D, s); break;
+    case 7: qk_block<7>(q, kt, D, s); break;
+    case 6: qk_block<6>(q, kt, D, s); break;
+    case 5: qk_block<5>(q, kt, D, s); break;
+    case 4: qk_block<4>(q, kt, D, s); break;
+    case 3: qk_block<3>(q, kt, D, s); break;
+    case 2: qk_block<2>(q, kt, D, s); break;
+    default: qk_block<1>(q, kt, D, s); break;
+  }
+}
+
+void pv_dispatch(int p, float* const* acc, const float* alpha, const float (*prob)[KB], const float* v, int D) {
+  switch (p) {
+    case 4: pv_block_all<4>(acc, alpha, prob, v, D); break;
+    case 3: pv_block_all<3>(acc, alpha, prob, v, D); break;
+    case 2: pv_block_all<2>(acc, alpha, prob, v, D); break;
+    default: pv_block_all<1>(acc, alpha, prob, v, D); break;
+  }
+}
+
+// One work unit: KV head `hk`, rows [r0, r1), all `group` query heads of hk. The queries come from `query`
+// (any of float/BFloat16/Half; scaled and widened here), the result goes to `out` in the same type.
+template <typename T>
+void attend_unit(const T* query, const float* kt, const uint16_t* kt16, const float* v, const uint16_t* v16, T* out,
+                 int64_t H, int64_t D, int64_t L, int64_t group, int64_t hk, int64_t r0, int64_t r1, int64_t sinks,
+                 int64_t window, float scale) {
+  // kt16/v16 (bf16 keys and values for the VDPBF16PS micro-kernels) are set for BFloat16 on CPUs with AVX512_BF16;
+  // then the queries stay bf16 and the scores are scaled, otherwise the queries are widened and pre-scaled.
+  const bool bf16_dot = kt16 != nullptr;
+  const int64_t rows = r1 - r0;
+  const int64_t pairs = rows * group;  // pair index = row offset * group + head offset
+  std::vector<float> q(static_cast<size_t>(pairs * D));
+  std::vector<float> acc(static_cast<size_t>(pairs * D), 0.0f);
+  std::vector<float> row_max(static_cast<size_t>(pairs), NEG_INF);
+  std::vector<float> row_sum(static_cast<size_t>(pairs * 16), 0.0f);  // per pair: 16 lane partial sums
+  std::vector<const float*> qp(static_cast<size_t>(pairs));
+  std::vector<const uint32_t*> qp16(static_cast<size_t>(pairs));
+  std::vector<float*> accp(static_cast<size_t>(pairs));
+  for (int64_t p = 0; p < pairs; ++p) {
+    const int64_t r = r0 + p / group, h = hk * group + p % group;
+    const T* src = query + (r * H + h) * D;
+    qp16[p] = reinterpret_cast<const uint32_t*>(src);
+    float* dst = q.data() + p * D;
+    if (!bf16_dot)
+      for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<float>(src[d]) * scale;
+    qp[p] = dst;
+    accp[p] = acc.data() + p * D;
+  }
+  const float* kt_h = bf16_dot ? nullptr : kt + hk * D * L;  // L: padded key count
+  const uint16_t* kt16_h = bf16_dot ? kt16 + hk * D * L : nullptr;
+  const uint16_t* v16_h = bf16_dot ? v16 + hk * L * D : nullptr;
+  const float* v_h = v + hk * L * D;
+  alignas(64) float s[MR][KB];
+  alignas(64) float prob[MR][KB];
+  alignas(64) uint32_t prob16[MR][KB / 2];
+  float alpha[MR];
+
+  // Two key segments: the sinks [0, k) and the union of the tile's windows [k + r0, k + r1 - 1 + W).
+  const int64_t seg_lo[2] = {0, sinks + r0};
+  const int64_t seg_hi[2] = {sinks, sinks + r1 - 1 + window};
+  // Blocks are the packed 32-key blocks overlapping a segment; lanes outside it are masked.
+  for (int seg = 0; seg < 2; ++seg) {
+    for (int64_t j0 = seg_lo[seg] / KB * KB; j0 < seg_hi[seg]; j0 += KB) {
+      const int lo = int(std::max<int64_t>(seg_lo[seg] - j0, 0)), hi = int(std::min<int64_t>(seg_hi[seg] - j0, KB));
+      for (int64_t p0 = 0; p0 < pairs; p0 += MR) {
+        const int m = int(std::min<int64_t>(MR, pairs - p0));
+#if defined(__AVX512BF16__)
+        if (bf16_dot)
+          qk_dispatch_bf16(m, qp16.data() + p0, kt16_h + j0 * D, int(D), s);
+        else
+#endif
+          qk_dispatch(m, qp.data() + p0, kt_h + j0 * D, int(D), s);
+        for (int i = 0; i < m; ++i) {
+          const int64_t p = p0 + i, r = r0 + p / group;
+          // Visible keys of row r in this block, as lanes: the segment's lanes [lo, hi), and in the window
+          // segment only row r's window [k + r, k + r + W).
+          const uint32_t keep = seg == 0 ? bit_range(lo, hi)
+                                         : bit_range(int(std::clamp<int64_t>(sinks + r - j0, lo, hi)),
+                                                     int(std::clamp<int64_t>(sinks + r + window - j0, lo, hi)));
+          Vec x0 = Vec::load(s[i]), x1 = Vec::load(s[i] + 16);
+          if (bf16_dot) {
+            x0 = x0 * Vec::set1(scale);
+            x1 = x1 * Vec::set1(scale);
+          }
+          if (keep != 0xFFFFFFFFu) {
+            x0 = x0.keep_or(keep & 0xFFFFu, NEG_INF);
+            x1 = x1.keep_or(keep >> 16, NEG_INF);
+          }
+          // Online softmax with a lazily raised running max (as in FlashAttention-4): the max moves only when
+          // a block's scores exceed it by more than MAX_SLACK, so most blocks skip the rescale. Exact all the
+          // same: every term is e^(s - m) for one m per update, and e^MAX_SLACK keeps the sums far from overflow.
+          const float block_max = vmax(x0, x1).hmax();
+          float& m_run = row_max[p];
+          if (block_max > m_run + MAX_SLACK) {
+            alpha[i] = m_run == NEG_INF ? 0.0f : std::exp(m_run - block_max);
+            m_run = block_max;
+          } else {
+            alpha[i] = 1.0f;
+          }
+          const Vec mx = Vec::set1(m_run);
+          const Vec e0 = (x0 - mx).exp(), e1 = (x1 - mx).exp();
+#if defined(__AVX512BF16__)
+          if (bf16_dot)
+            store_bf16_pairs(prob16[i], e0.v, e1.v);
+          else
+#endif
+          {
+            e0.store(prob[i]);
+            e1.store(prob[i] + 16);
+          }
+          float* l = row_sum.data() + p * 16;
+          fmadd(Vec::load(l), Vec::set1(alpha[i]), e0 + e1).store(l);
+        }
+        for (int i = 0; i < m; i += PR) {
+          const int np = std::min(PR, m - i);
+#if defined(__AVX512BF16__)
+          if (bf16_dot)
+            pv_dispatch_bf16(np, accp.data() + p0 + i, alpha + i, prob16 + i, v16_h + j0 * D, int(D));
+          else
+#endif
+            pv_dispatch(np, accp.data() + p0 + i, alpha + i, prob + i, v_h + j0 * D, int(D));
+        }
+      }
+
+    }
+  }
+  for (int64_t p = 0; p < pairs; ++p) {
+    const int64_t r = r0 + p / group, h = hk * group + p % group;
+    T* o = out + (r * H + h) * D;
+    const float inv = 1.0f / Vec::load(row_sum.data() + p * 16).hsum();
+    for (int64_t d = 0; d < D; ++d) o[d] = static_cast<T>(accp[p][d] * inv);
+  }
+}
+
+// Packs the run's keys and values from the paged cache (vLLM's CPU layout, ISA vec/vec16: per block and KV head,
+// the keys transposed [D, block_size], then the values [block_size, D]) into float32 blocks of 32 keys.
+// With kt16 (bf16 caches on AVX512_BF16 CPUs), the keys go there as bf16 pairs of head dimensions ([D / 2][32][2]
+// per block) instead of into kt.
+template <typename T>
+void pack_keys(const T* cache, const int32_t* block_row, float* kt, uint16_t* kt16, float* v, uint16_t* v16,
+               int64_t Hkv, int64_t block_size, int64_t D, int64_t num_keys, int64_t L, int64_t sinks,
+               int64_t window_start) {
+  const int64_t blocks = L / KB;
+  at::parallel_for(0, Hkv * blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t unit = begin; unit < end; ++unit) {
+      const int64_t h = unit / blocks, b = unit % blocks;
+      const T* key_col[KB];  // key u of the block: element d at key_col[u][d * block_size]; null = padding
+      const T* value_row[KB];
+      for (int u = 0; u < KB; ++u) {
+        const int64_t index = b * KB + u;
+        if (index >= num_keys) {
+          key_col[u] = value_row[u] = nullptr;
+          continue;
+        }
+        const int64_t pos = index < sinks ? index : window_start + (index - sinks);
+        const int64_t offset = pos % block_size;
+        const T* base = cache + (int64_t(block_row[pos / block_size]) * Hkv + h) * block_size * 2 * D;
+        key_col[u] = base + offset;
+        value_row[u] = base + block_size * D + offset * D;
+      }
+      if (kt16 != nullptr) {  // bf16 bits as they are, in pairs: keys [D / 2][32][2], values [16][D][2]
+        uint16_t* kt_b = kt16 + (h * blocks + b) * D * KB;
+        uint16_t* v_b = v16 + (h * L + b * KB) * D;
+        for (int u = 0; u < KB; ++u) {
+          const auto* key = reinterpret_cast<const uint16_t*>(key_col[u]);
+          const auto* value = reinterpret_cast<const uint16_t*>(value_row[u]);
+          for (int64_t d = 0; d < D; ++d) {
+            kt_b[((d / 2) * KB + u) * 2 + d % 2] = key == nullptr ? uint16_t(0) : key[d * block_size];
+            v_b[((u / 2) * D + d) * 2 + u % 2] = value == nullptr ? uint16_t(0) : value[d];
+          }
+        }
+        continue;
+      }
+      float* kt_b = kt + (h * blocks + b) * D * KB;  // float32: keys [D][32], values [32][D]
+      float* v_b = v + (h * L + b * KB) * D;
+      for (int u = 0; u < KB; ++u)
+        for (int64_t d = 0; d < D; ++d) {
+          kt_b[d * KB + u] = key_col[u] == nullptr ? 0.0f : static_cast<float>(key_col[u][d * block_size]);
+          v_b[u * D + d] = value_row[u] == nullptr ? 0.0f : static_cast<float>(value_row[u][d]);
+        }
+    }
+  });
+}
+
+template <typename T>
+void run(const at::Tensor& query, const at::Tensor& kv_cache, const at::Tensor& block_row, at::Tensor& out,
+         int64_t sinks, int64_t window, int64_t first_position, double scale) {
+  const int64_t N = query.size(0), H = query.size(1), D = query.size(2);
+  const int64_t Hkv = kv_cache.size(1), block_size = kv_cache.size(2);
+  const int64_t num_keys = sinks + window + N - 1, L = (num_keys + KB - 1) / KB * KB;
+  const bool bf16_dot = BF16_DOT && std::is_same_v<T, at::BFloat16>;
+  // Packed keys and values: float32, or bf16 for the VDPBF16PS micro-kernels.
+  const int64_t packed = Hkv * L * D;
+  at::Tensor kt = at::empty({bf16_dot ? 0 : packed}, query.options().dtype(at::kFloat));
+  at::Tensor v = at::empty({bf16_dot ? 0 : packed}, query.options().dtype(at::kFloat));
+  at::Tensor kt16 = at::empty({bf16_dot ? packed : 0}, query.options().dtype(at::kBFloat16));
+  at::Tensor v16 = at::empty({bf16_dot ? packed : 0}, query.options().dtype(at::kBFloat16));
+  uint16_t* kt16_d = bf16_dot ? reinterpret_cast<uint16_t*>(kt16.data_ptr<at::BFloat16>()) : nullptr;
+  uint16_t* v16_d = bf16_dot ? reinterpret_cast<uint16_t*>(v16.data_ptr<at::BFloat16>()) : nullptr;
+  pack_keys<T>(kv_cache.data_ptr<T>(), block_row.data_ptr<int32_t>(), kt.data_ptr<float>(), kt16_d,
+               v.data_ptr<float>(), v16_d, Hkv, block_size, D, num_keys, L, sinks, first_position - window + 1);
+  const int64_t group = H / Hkv;
+  const int64_t tiles = (N + ROWS_PER_TILE - 1) / ROWS_PER_TILE;
+  const T* qd = query.data_ptr<T>();
+  const float* ktd = kt.data_ptr<float>();
+  const float* vd = v.data_ptr<float>();
+  T* od = out.data_ptr<T>();
+  at::parallel_for(0, Hkv * tiles, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t unit = begin; unit < end; ++unit) {
+      const int64_t hk = unit % Hkv, tile = unit / Hkv;
+      const int64_t r0 = tile * ROWS_PER_TILE, r1 = std::min(N, r0 + ROWS_PER_TILE);
+      attend_unit<T>(qd, ktd, kt16_d, vd, v16_d, od, H, D, L, group, hk, r0, r1, sinks, window, float(scale));
+    }
+  });
+}
+
+// query/out [N, H, D] (float32, bfloat16 or float16, contiguous), kv_cache [num_blocks, Hkv, block_size, 2 * D]
+// (same dtype), block_row int32 [max_blocks]: the request's block-table row. Rows sit at positions
+// first_position .. first_position + N - 1 >= sinks + window and see the keys [0, sinks) and (i - W, i].
+void sink_window_attention(const at::Tensor& query, const at::Tensor& kv_cache, const at::Tensor& block_row,
+                           at::Tensor& out, int64_t sinks, int64_t window, int64_t first_position, double scale) {
+  const auto dtype = query.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf,
+              "sink_window_attention: query must be float32, bfloat16 or float16, got ", dtype);
+  TORCH_CHECK(kv_cache.scalar_type() == dtype && out.scalar_type() == dtype,
+              "sink_window_attention: query, kv_cache and out must share a dtype");
+  TORCH_CHECK(block_row.scalar_type() == at::kInt && block_row.dim() == 1, "sink_window_attention: block_row must "
+              "be int32 [max_blocks]");
+  TORCH_CHECK(query.is_contiguous() && kv_cache.is_contiguous() && out.is_contiguous() && block_row.is_contiguous(),
+              "sink_window_attention: query, kv_cache, block_row and out must be contiguous");
+  TORCH_CHECK(query.dim() == 3 && out.sizes() == query.sizes(), "sink_window_attention: query/out must be [N, H, D]");
+  const int64_t N = query.size(0), H = query.size(1), D = query.size(2);
+  TORCH_CHECK(kv_cache.dim() == 4 && kv_cache.size(3) == 2 * D,
+              "sink_window_attention: kv_cache must be [num_blocks, Hkv, block_size, 2 * D]");
+  const int64_t Hkv = kv_cache.size(1), block_size = kv_cache.size(2);
+  TORCH_CHECK(D % 16 == 0, "sink_window_attention: head size must be a multiple of 16, got ", D);
+  TORCH_CHECK(Hkv > 0 && H % Hkv == 0 && H / Hkv <= 16, "sink_window_attention: ", H, " query heads over ", Hkv,
+              " KV heads (need a whole group of at most 16)");
+  TORCH_CHECK(sinks >= 1 && window >= 1 && first_position >= sinks + window,
+              "sink_window_attention: needs sinks >= 1, window >= 1 and first_position >= sinks + window");
+  TORCH_CHECK((first_position + N - 1) / block_size < block_row.size(0),
+              "sink_window_attention: the block-table row does not cover position ", first_position + N - 1);
+  if (N == 0) return;
+  switch (dtype) {
+    case at::kFloat: run<float>(query, kv_cache, block_row, out, sinks, window, first_position, scale); break;
+    case at::kBFloat16:
+      run<at::BFloat16>(query, kv_cache, block_row, out, sinks, window, first_position, scale);
+      break;
+    default: run<at::Half>(query, kv_cache, block_row, out, sinks, window, first_position, scale); break;
+  }
+}
+
+}  // namespace
+
+TORCH_LIBRARY(swaa_cpu, m) {
+  m.def(
+      "sink_window_attention(Tensor query, Tensor kv_cache, Tensor block_row, Tensor(a!) out, int sinks, int window, "
+      "int first_position, float scale) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(swaa_cpu, CPU, m) { m.impl("sink_window_attention", &sink_window_attention); }
