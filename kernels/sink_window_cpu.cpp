@@ -318,8 +318,10 @@ void attend_unit(const T* query, const float* kt, const uint16_t* kt16, const fl
   std::vector<const float*> qp(static_cast<size_t>(pairs));
   std::vector<const uint32_t*> qp16(static_cast<size_t>(pairs));
   std::vector<float*> accp(static_cast<size_t>(pairs));
+  std::vector<int64_t> pair_row(static_cast<size_t>(pairs));  // row of each pair (no division in the block loop)
   for (int64_t p = 0; p < pairs; ++p) {
     const int64_t r = r0 + p / group, h = hk * group + p % group;
+    pair_row[p] = r;
     const T* src = query + (r * H + h) * D;
     qp16[p] = reinterpret_cast<const uint32_t*>(src);
     float* dst = q.data() + p * D;
@@ -353,7 +355,7 @@ void attend_unit(const T* query, const float* kt, const uint16_t* kt16, const fl
 #endif
           qk_dispatch(m, qp.data() + p0, kt_h + j0 * D, int(D), s);
         for (int i = 0; i < m; ++i) {
-          const int64_t p = p0 + i, r = r0 + p / group;
+          const int64_t p = p0 + i, r = pair_row[p];
           // Visible keys of row r in this block, as lanes: the segment's lanes [lo, hi), and in the window
           // segment only row r's window [k + r, k + r + W).
           const uint32_t keep = seg == 0 ? bit_range(lo, hi)
