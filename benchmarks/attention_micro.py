@@ -42,12 +42,18 @@ HEADS, KV_HEADS, HEAD_SIZE, BLOCK = 9, 3, 64, 128
 
 
 def _time_interleaved(fns: dict, repeats: int) -> dict[str, float]:
-    """Median seconds per call of each function; each repeat calls every function once, in turn."""
+    """Median seconds per call of each function; each repeat calls every function once, in turn.
+
+    The order rotates by one per repeat, so no function always runs after the same neighbour (a
+    sub-millisecond decode call is slower right after a long prefill call on these VMs).
+    """
     for fn in fns.values():
         fn()  # warm-up
     times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
+    names = list(fns)
+    for rep in range(repeats):
+        for name in names[rep % len(names):] + names[: rep % len(names)]:
+            fn = fns[name]
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)

@@ -9,7 +9,12 @@ that name).
 * :mod:`swaa_kernels.cpu`: paged-KV-cache attention for CPU: rows sorted into
   causal / windowed / sink-window classes; the first two through a pluggable paged
   attention primitive (plain torch here, vLLM's C++ CPU op in the backend), the
-  sink-window rows in torch query tiles that read only their sinks and window.
+  sink-window rows, which read only their sinks and window, in torch query tiles or
+  with the native kernel.
+* :mod:`swaa_kernels.sink_window_native`: builds (once per machine), loads and calls
+  the C++ sink-window kernel ``sink_window_cpu.cpp`` (flash-attention over the sinks
+  and the window, AVX-512), and picks it or the torch tiles
+  (``SWAA_CPU_SINK_WINDOW_KERNEL``).
 * :mod:`swaa_kernels.triton_swaa`: the Triton kernel over a paged cache (GPU; tested
   on CPU in Triton's interpreter).
 * :mod:`swaa_kernels.flash_attn_path`: the flash-attn alternative (window via
