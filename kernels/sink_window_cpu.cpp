@@ -36,7 +36,8 @@
 
 namespace {
 
-constexpr int KB = 32;             // keys per block: two 16-lane vectors
+constexpr int KB = 32;             // keys per packed block and QK^T micro-kernel: two 16-lane vectors
+constexpr int SB = 4 * KB;         // keys per softmax step: up to four packed blocks of one segment
 // Tile sizes: measured best of MR 4/6/8/12, PR 2/4/6 and 8/16/32 rows (8k bf16 and float32 layers, AMD EPYC).
 constexpr int MR = 8;              // (row, head) pairs per QK micro-kernel: 16 score accumulators
 constexpr int PR = 4;              // pairs per PV micro-kernel: 16 output accumulators for 64 head dimensions
@@ -118,7 +119,7 @@ inline void keep_in_register([[maybe_unused]] Vec& x) {
 
 // s[m][0:32] = q_m . k_u for the 32 keys of one packed block (kt: D rows of 32 keys).
 template <int M>
-inline void qk_block(const float* const* q, const float* kt, int D, float (*s)[KB]) {
+inline void qk_block(const float* const* q, const float* kt, int D, float (*s)[SB]) {
   Vec a0[M], a1[M];
 #pragma GCC unroll 8
   for (int m = 0; m < M; ++m) { a0[m] = Vec::zero(); a1[m] = Vec::zero(); }
@@ -141,7 +142,7 @@ constexpr bool BF16_DOT = true;
 // products of a pair of head dimensions; the products of two bf16 values are exact in fp32). kt: D / 2 rows of
 // 32 keys x 2 dimensions; q: the row's bf16 pairs. Half the instructions of the float32 loop.
 template <int M>
-inline void qk_block_bf16(const uint32_t* const* q, const uint16_t* kt, int D, float (*s)[KB]) {
+inline void qk_block_bf16(const uint32_t* const* q, const uint16_t* kt, int D, float (*s)[SB]) {
   __m512 a0[M], a1[M];
 #pragma GCC unroll 8
   for (int m = 0; m < M; ++m) { a0[m] = _mm512_setzero_ps(); a1[m] = _mm512_setzero_ps(); }
@@ -159,7 +160,7 @@ inline void qk_block_bf16(const uint32_t* const* q, const uint16_t* kt, int D, f
   for (int m = 0; m < M; ++m) { _mm512_storeu_ps(s[m], a0[m]); _mm512_storeu_ps(s[m] + 16, a1[m]); }
 }
 
-void qk_dispatch_bf16(int m, const uint32_t* const* q, const uint16_t* kt, int D, float (*s)[KB]) {
+void qk_dispatch_bf16(int m, const uint32_t* const* q, const uint16_t* kt, int D, float (*s)[SB]) {
   switch (m) {
     case 8: qk_block_bf16<8>(q, kt, D, s); break;
     case 7: qk_block_bf16<7>(q, kt, D, s); break;
@@ -176,8 +177,8 @@ void qk_dispatch_bf16(int m, const uint32_t* const* q, const uint16_t* kt, int D
 // [16 key pairs][D][2] bf16 (rounding P to bf16 before PV is what FlashAttention does for bf16; the row sums
 // stay float32).
 template <int P, int NV>
-inline void pv_block_bf16(float* const* acc, const float* alpha, const uint32_t (*prob16)[KB / 2], const uint16_t* v16,
-                          int D, int dc) {
+inline void pv_block_bf16(float* const* acc, const float* alpha, const uint32_t (*prob16)[SB / 2], const uint16_t* v16,
+                          int D, int dc, int cnt) {
   __m512 o[P][NV];
 #pragma GCC unroll 4
   for (int p = 0; p < P; ++p) {
@@ -185,7 +186,7 @@ inline void pv_block_bf16(float* const* acc, const float* alpha, const uint32_t 
 #pragma GCC unroll 4
     for (int j = 0; j < NV; ++j) o[p][j] = _mm512_mul_ps(_mm512_loadu_ps(acc[p] + dc + 16 * j), a);
   }
-  for (int up = 0; up < KB / 2; ++up) {
+  for (int up = 0; up < cnt / 2; ++up) {
     __m512bh vr[NV];
 #pragma GCC unroll 4
     for (int j = 0; j < NV; ++j) {
@@ -206,25 +207,25 @@ inline void pv_block_bf16(float* const* acc, const float* alpha, const uint32_t 
 }
 
 template <int P>
-inline void pv_block_bf16_all(float* const* acc, const float* alpha, const uint32_t (*prob16)[KB / 2],
-                              const uint16_t* v16, int D) {
+inline void pv_block_bf16_all(float* const* acc, const float* alpha, const uint32_t (*prob16)[SB / 2],
+                              const uint16_t* v16, int D, int cnt) {
   int dc = 0;
-  for (; dc + 64 <= D; dc += 64) pv_block_bf16<P, 4>(acc, alpha, prob16, v16, D, dc);
+  for (; dc + 64 <= D; dc += 64) pv_block_bf16<P, 4>(acc, alpha, prob16, v16, D, dc, cnt);
   switch ((D - dc) / 16) {
-    case 3: pv_block_bf16<P, 3>(acc, alpha, prob16, v16, D, dc); break;
-    case 2: pv_block_bf16<P, 2>(acc, alpha, prob16, v16, D, dc); break;
-    case 1: pv_block_bf16<P, 1>(acc, alpha, prob16, v16, D, dc); break;
+    case 3: pv_block_bf16<P, 3>(acc, alpha, prob16, v16, D, dc, cnt); break;
+    case 2: pv_block_bf16<P, 2>(acc, alpha, prob16, v16, D, dc, cnt); break;
+    case 1: pv_block_bf16<P, 1>(acc, alpha, prob16, v16, D, dc, cnt); break;
     default: break;
   }
 }
 
-void pv_dispatch_bf16(int p, float* const* acc, const float* alpha, const uint32_t (*prob16)[KB / 2],
-                      const uint16_t* v16, int D) {
+void pv_dispatch_bf16(int p, float* const* acc, const float* alpha, const uint32_t (*prob16)[SB / 2],
+                      const uint16_t* v16, int D, int cnt) {
   switch (p) {
-    case 4: pv_block_bf16_all<4>(acc, alpha, prob16, v16, D); break;
-    case 3: pv_block_bf16_all<3>(acc, alpha, prob16, v16, D); break;
-    case 2: pv_block_bf16_all<2>(acc, alpha, prob16, v16, D); break;
-    default: pv_block_bf16_all<1>(acc, alpha, prob16, v16, D); break;
+    case 4: pv_block_bf16_all<4>(acc, alpha, prob16, v16, D, cnt); break;
+    case 3: pv_block_bf16_all<3>(acc, alpha, prob16, v16, D, cnt); break;
+    case 2: pv_block_bf16_all<2>(acc, alpha, prob16, v16, D, cnt); break;
+    default: pv_block_bf16_all<1>(acc, alpha, prob16, v16, D, cnt); break;
   }
 }
 
@@ -237,8 +238,8 @@ constexpr bool BF16_DOT = false;
 
 // acc[p][dc : dc + 16 * NV] = alpha[p] * acc[p][...] + sum_u prob[p][u] * v[u][...] for P pairs.
 template <int P, int NV>
-inline void pv_block(float* const* acc, const float* alpha, const float (*prob)[KB], const float* v, int D,
-                     int dc) {
+inline void pv_block(float* const* acc, const float* alpha, const float (*prob)[SB], const float* v, int D,
+                     int dc, int cnt) {
   Vec o[P][NV];
 #pragma GCC unroll 4
   for (int p = 0; p < P; ++p) {
@@ -246,7 +247,7 @@ inline void pv_block(float* const* acc, const float* alpha, const float (*prob)[
 #pragma GCC unroll 4
     for (int j = 0; j < NV; ++j) o[p][j] = Vec::load(acc[p] + dc + 16 * j) * a;
   }
-  for (int u = 0; u < KB; ++u) {
+  for (int u = 0; u < cnt; ++u) {
     Vec vr[NV];
 #pragma GCC unroll 4
     for (int j = 0; j < NV; ++j) {
@@ -267,18 +268,19 @@ inline void pv_block(float* const* acc, const float* alpha, const float (*prob)[
 }
 
 template <int P>
-inline void pv_block_all(float* const* acc, const float* alpha, const float (*prob)[KB], const float* v, int D) {
+inline void pv_block_all(float* const* acc, const float* alpha, const float (*prob)[SB], const float* v, int D,
+                         int cnt) {
   int dc = 0;
-  for (; dc + 64 <= D; dc += 64) pv_block<P, 4>(acc, alpha, prob, v, D, dc);
+  for (; dc + 64 <= D; dc += 64) pv_block<P, 4>(acc, alpha, prob, v, D, dc, cnt);
   switch ((D - dc) / 16) {
-    case 3: pv_block<P, 3>(acc, alpha, prob, v, D, dc); break;
-    case 2: pv_block<P, 2>(acc, alpha, prob, v, D, dc); break;
-    case 1: pv_block<P, 1>(acc, alpha, prob, v, D, dc); break;
+    case 3: pv_block<P, 3>(acc, alpha, prob, v, D, dc, cnt); break;
+    case 2: pv_block<P, 2>(acc, alpha, prob, v, D, dc, cnt); break;
+    case 1: pv_block<P, 1>(acc, alpha, prob, v, D, dc, cnt); break;
     default: break;
   }
 }
 
-void qk_dispatch(int m, const float* const* q, const float* kt, int D, float (*s)[KB]) {
+void qk_dispatch(int m, const float* const* q, const float* kt, int D, float (*s)[SB]) {
   switch (m) {
     case 8: qk_block<8>(q, kt, D, s); break;
     case 7: qk_block<7>(q, kt, D, s); break;
@@ -291,12 +293,13 @@ void qk_dispatch(int m, const float* const* q, const float* kt, int D, float (*s
   }
 }
 
-void pv_dispatch(int p, float* const* acc, const float* alpha, const float (*prob)[KB], const float* v, int D) {
+void pv_dispatch(int p, float* const* acc, const float* alpha, const float (*prob)[SB], const float* v, int D,
+                 int cnt) {
   switch (p) {
-    case 4: pv_block_all<4>(acc, alpha, prob, v, D); break;
-    case 3: pv_block_all<3>(acc, alpha, prob, v, D); break;
-    case 2: pv_block_all<2>(acc, alpha, prob, v, D); break;
-    default: pv_block_all<1>(acc, alpha, prob, v, D); break;
+    case 4: pv_block_all<4>(acc, alpha, prob, v, D, cnt); break;
+    case 3: pv_block_all<3>(acc, alpha, prob, v, D, cnt); break;
+    case 2: pv_block_all<2>(acc, alpha, prob, v, D, cnt); break;
+    default: pv_block_all<1>(acc, alpha, prob, v, D, cnt); break;
   }
 }
 
@@ -334,46 +337,59 @@ void attend_unit(const T* query, const float* kt, const uint16_t* kt16, const fl
   const uint16_t* kt16_h = bf16_dot ? kt16 + hk * D * L : nullptr;
   const uint16_t* v16_h = bf16_dot ? v16 + hk * L * D : nullptr;
   const float* v_h = v + hk * L * D;
-  alignas(64) float s[MR][KB];
-  alignas(64) float prob[MR][KB];
-  alignas(64) uint32_t prob16[MR][KB / 2];
+  alignas(64) float s[MR][SB];
+  alignas(64) float prob[MR][SB];
+  alignas(64) uint32_t prob16[MR][SB / 2];
   float alpha[MR];
+  auto columns = [](float (*rows)[SB], int c) { return reinterpret_cast<float(*)[SB]>(&rows[0][c * KB]); };
 
-  // Two key segments: the sinks [0, k) and the union of the tile's windows [k + r0, k + r1 - 1 + W).
+  // Two key segments: the sinks [0, k) and the union of the tile's windows [k + r0, k + r1 - 1 + W). A step takes
+  // up to SB keys of one segment, in the packed 32-key blocks that overlap it; lanes outside it are masked.
   const int64_t seg_lo[2] = {0, sinks + r0};
   const int64_t seg_hi[2] = {sinks, sinks + r1 - 1 + window};
-  // Blocks are the packed 32-key blocks overlapping a segment; lanes outside it are masked.
   for (int seg = 0; seg < 2; ++seg) {
-    for (int64_t j0 = seg_lo[seg] / KB * KB; j0 < seg_hi[seg]; j0 += KB) {
-      const int lo = int(std::max<int64_t>(seg_lo[seg] - j0, 0)), hi = int(std::min<int64_t>(seg_hi[seg] - j0, KB));
+    for (int64_t j0 = seg_lo[seg] / KB * KB; j0 < seg_hi[seg]; j0 += SB) {
+      const int sub = int(std::min<int64_t>(SB, seg_hi[seg] - j0) + KB - 1) / KB;  // packed blocks in this step
+      const int cnt = sub * KB;
       for (int64_t p0 = 0; p0 < pairs; p0 += MR) {
         const int m = int(std::min<int64_t>(MR, pairs - p0));
+        for (int c = 0; c < sub; ++c) {
 #if defined(__AVX512BF16__)
-        if (bf16_dot)
-          qk_dispatch_bf16(m, qp16.data() + p0, kt16_h + j0 * D, int(D), s);
-        else
+          if (bf16_dot)
+            qk_dispatch_bf16(m, qp16.data() + p0, kt16_h + (j0 + c * KB) * D, int(D), columns(s, c));
+          else
 #endif
-          qk_dispatch(m, qp.data() + p0, kt_h + j0 * D, int(D), s);
+            qk_dispatch(m, qp.data() + p0, kt_h + (j0 + c * KB) * D, int(D), columns(s, c));
+        }
         for (int i = 0; i < m; ++i) {
           const int64_t p = p0 + i, r = pair_row[p];
-          // Visible keys of row r in this block, as lanes: the segment's lanes [lo, hi), and in the window
-          // segment only row r's window [k + r, k + r + W).
-          const uint32_t keep = seg == 0 ? bit_range(lo, hi)
-                                         : bit_range(int(std::clamp<int64_t>(sinks + r - j0, lo, hi)),
-                                                     int(std::clamp<int64_t>(sinks + r + window - j0, lo, hi)));
-          Vec x0 = Vec::load(s[i]), x1 = Vec::load(s[i] + 16);
-          if (bf16_dot) {
-            x0 = x0 * Vec::set1(scale);
-            x1 = x1 * Vec::set1(scale);
-          }
-          if (keep != 0xFFFFFFFFu) {
-            x0 = x0.keep_or(keep & 0xFFFFu, NEG_INF);
-            x1 = x1.keep_or(keep >> 16, NEG_INF);
+          // Visible keys of row r, as lanes of each packed block: the segment's lanes, and in the window segment
+          // only row r's window [k + r, k + r + W).
+          const int64_t vis_lo = seg == 0 ? seg_lo[0] : std::max(seg_lo[1], sinks + r);
+          const int64_t vis_hi = seg == 0 ? seg_hi[0] : std::min(seg_hi[1], sinks + r + window);
+          Vec x[2 * SB / KB];
+          Vec running = Vec::set1(NEG_INF);
+          for (int c = 0; c < sub; ++c) {
+            const int64_t base = j0 + c * KB;
+            const uint32_t keep = bit_range(int(std::clamp<int64_t>(vis_lo - base, 0, KB)),
+                                            int(std::clamp<int64_t>(vis_hi - base, 0, KB)));
+            Vec x0 = Vec::load(s[i] + c * KB), x1 = Vec::load(s[i] + c * KB + 16);
+            if (bf16_dot) {
+              x0 = x0 * Vec::set1(scale);
+              x1 = x1 * Vec::set1(scale);
+            }
+            if (keep != 0xFFFFFFFFu) {
+              x0 = x0.keep_or(keep & 0xFFFFu, NEG_INF);
+              x1 = x1.keep_or(keep >> 16, NEG_INF);
+            }
+            x[2 * c] = x0;
+            x[2 * c + 1] = x1;
+            running = vmax(running, vmax(x0, x1));
           }
           // Online softmax with a lazily raised running max (as in FlashAttention-4): the max moves only when
-          // a block's scores exceed it by more than MAX_SLACK, so most blocks skip the rescale. Exact all the
+          // a step's scores exceed it by more than MAX_SLACK, so most steps skip the rescale. Exact all the
           // same: every term is e^(s - m) for one m per update, and e^MAX_SLACK keeps the sums far from overflow.
-          const float block_max = vmax(x0, x1).hmax();
+          const float block_max = running.hmax();
           float& m_run = row_max[p];
           if (block_max > m_run + MAX_SLACK) {
             alpha[i] = m_run == NEG_INF ? 0.0f : std::exp(m_run - block_max);
@@ -382,30 +398,33 @@ void attend_unit(const T* query, const float* kt, const uint16_t* kt16, const fl
             alpha[i] = 1.0f;
           }
           const Vec mx = Vec::set1(m_run);
-          const Vec e0 = (x0 - mx).exp(), e1 = (x1 - mx).exp();
+          Vec sum = Vec::zero();
+          for (int c = 0; c < sub; ++c) {
+            const Vec e0 = (x[2 * c] - mx).exp(), e1 = (x[2 * c + 1] - mx).exp();
 #if defined(__AVX512BF16__)
-          if (bf16_dot)
-            store_bf16_pairs(prob16[i], e0.v, e1.v);
-          else
+            if (bf16_dot)
+              store_bf16_pairs(prob16[i] + c * KB / 2, e0.v, e1.v);
+            else
 #endif
-          {
-            e0.store(prob[i]);
-            e1.store(prob[i] + 16);
+            {
+              e0.store(prob[i] + c * KB);
+              e1.store(prob[i] + c * KB + 16);
+            }
+            sum = sum + (e0 + e1);
           }
           float* l = row_sum.data() + p * 16;
-          fmadd(Vec::load(l), Vec::set1(alpha[i]), e0 + e1).store(l);
+          fmadd(Vec::load(l), Vec::set1(alpha[i]), sum).store(l);
         }
         for (int i = 0; i < m; i += PR) {
           const int np = std::min(PR, m - i);
 #if defined(__AVX512BF16__)
           if (bf16_dot)
-            pv_dispatch_bf16(np, accp.data() + p0 + i, alpha + i, prob16 + i, v16_h + j0 * D, int(D));
+            pv_dispatch_bf16(np, accp.data() + p0 + i, alpha + i, prob16 + i, v16_h + j0 * D, int(D), cnt);
           else
 #endif
-            pv_dispatch(np, accp.data() + p0 + i, alpha + i, prob + i, v_h + j0 * D, int(D));
+            pv_dispatch(np, accp.data() + p0 + i, alpha + i, prob + i, v_h + j0 * D, int(D), cnt);
         }
       }
-
     }
   }
   for (int64_t p = 0; p < pairs; ++p) {

@@ -76,6 +76,7 @@ def run_native(q, kv_cache, block_row, first, end, window, sinks, scale):
         (4, 4, 256, 32, 7, 1, 40),  # no GQA; head size 256
         (6, 2, 16, 16, 1, 5, 3),  # W = 1, head size 16
         (8, 2, 80, 48, 64, 32, 1),  # one row (a decode row without FA decode); head size 80 = 5 vectors
+        (4, 2, 64, 32, 300, 64, 40),  # several full 128-key softmax steps per tile
     ],
 )
 def test_native_kernel_matches_reference(num_heads, num_kv_heads, head_size, block_size, window, sinks, rows, dtype):
@@ -110,6 +111,24 @@ def test_property_native_kernel_matches_reference(window, sinks, rows, gap, num_
     got = run_native(q, kv_cache, block_row, first, end, window, sinks, head_size**-0.5)
     torch.testing.assert_close(got.double(), expected(q, k, v, first, end, window, sinks, head_size**-0.5),
                                **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_large_scores_rescale_the_running_max(dtype):
+    """Scores spread over tens of nats: the lazily raised running max moves many times and stays exact."""
+    first, end = 400, 480
+    q, k, v, kv_cache, block_row = paged_case(end, 6, 3, 64, 16, dtype, seed=11)
+    ramp = torch.linspace(0.2, 4.0, end)[:, None, None].to(dtype)  # later keys score ever higher
+    k = (k.float() * ramp).to(dtype)
+    write_kv_cache(k, v, kv_cache, _slots(block_row, end, 16))
+    scale = 3.0 / 64**0.5
+    got = run_native(q, kv_cache, block_row, first, end, 200, 16, scale)
+    torch.testing.assert_close(got.double(), expected(q, k, v, first, end, 200, 16, scale), **TOL[dtype])
+
+
+def _slots(block_row, seq_len, block_size):
+    positions = torch.arange(seq_len)
+    return block_row.long()[positions // block_size] * block_size + positions % block_size
 
 
 def test_negative_control_one_key_more_is_detected():
