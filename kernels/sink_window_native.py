@@ -10,7 +10,7 @@ fused CPU attention reaches about a third of it (``benchmarks/results/attention_
 torch/vLLM thread pool). The build folder is keyed by the source, the torch version and the
 CPU's instruction-set flags, so a checkout moved to a machine of another ISA never loads code
 built for the wrong one: ``$XDG_CACHE_HOME/swaa-vllm/kernels/<key>`` (``~/.cache`` by default).
-About 10 s.
+About 10-15 s.
 
 **Choice** (:func:`kernel_choice`), environment variable ``SWAA_CPU_SINK_WINDOW_KERNEL``:
 
@@ -37,6 +37,7 @@ __all__ = [
     "ENV_VAR",
     "NativeKernelError",
     "cpu_has_avx512",
+    "requested_choice",
     "kernel_choice",
     "load",
     "native_sink_window_attention",
@@ -68,6 +69,18 @@ def cpu_has_avx512() -> bool:
     return "avx512f" in _cpu_flags()
 
 
+def requested_choice() -> str:
+    """``SWAA_CPU_SINK_WINDOW_KERNEL`` as given: ``"auto"`` (also when unset), ``"native"`` or ``"torch"``.
+
+    Raises:
+        ValueError: any other value (checked at engine start-up even for models that never use the kernel).
+    """
+    choice = os.environ.get(ENV_VAR, "auto").strip().lower()
+    if choice not in ("auto", "native", "torch"):
+        raise ValueError(f"{ENV_VAR} must be auto, native or torch, got {choice!r}")
+    return choice
+
+
 def kernel_choice() -> str:
     """``SWAA_CPU_SINK_WINDOW_KERNEL`` resolved to ``"native"`` or ``"torch"`` (see the module docstring).
 
@@ -75,9 +88,7 @@ def kernel_choice() -> str:
         ValueError: if the variable is not ``auto``, ``native`` or ``torch``.
         NativeKernelError: ``native`` was asked for and the build failed.
     """
-    choice = os.environ.get(ENV_VAR, "auto").strip().lower()
-    if choice not in ("auto", "native", "torch"):
-        raise ValueError(f"{ENV_VAR} must be auto, native or torch, got {choice!r}")
+    choice = requested_choice()
     if choice == "torch":
         return "torch"
     if choice == "auto" and not cpu_has_avx512():
@@ -135,7 +146,9 @@ def _load(march: str) -> None:
             verbose=False,
         )
     except (RuntimeError, OSError, ImportError, FileNotFoundError) as exc:
-        tail = "\n".join(str(exc).strip().splitlines()[-6:])
+        # The compiler's own lines, without ninja's echo of the (long) compile commands.
+        lines = [line for line in str(exc).strip().splitlines() if line.strip() and "-MMD" not in line]
+        tail = "\n".join(lines[-4:])
         raise NativeKernelError(
             f"building {_SOURCE.name} in {build_dir} failed ({tail}); install g++ and ninja "
             f"(pip install ninja), or set {ENV_VAR}=torch"

@@ -45,7 +45,7 @@ from vllm.v1.kv_cache_interface import AttentionSpec
 from vllm.v1.kv_cache_layout import KVCacheLayout
 
 from swaa_kernels.cpu import LayerMaskSpec, RowPlan, paged_swaa_attention, plan_rows
-from swaa_kernels.sink_window_native import ENV_VAR, kernel_choice
+from swaa_kernels.sink_window_native import ENV_VAR, kernel_choice, requested_choice
 from swaa_vllm.config import SwaaPlan, plan_from_hf_config
 from swaa_vllm.platforms.cpu_attention_op import (
     SUPPORTED_HEAD_SIZES,
@@ -67,7 +67,7 @@ def cpu_sink_window_kernel() -> str:
     :func:`swaa_kernels.sink_window_native.kernel_choice` (``SWAA_CPU_SINK_WINDOW_KERNEL``),
     resolved when the first attention layer of a model with sink-window layers is built on CPU
     (model construction at engine start-up: a bad value or a failed ``native`` build stops the
-    engine there, and the one-time build, ~10 s, happens before the first request).
+    engine there, and the one-time build, 10-15 s, happens before the first request).
 
     Raises:
         ValueError, NativeKernelError: from ``kernel_choice``.
@@ -278,8 +278,10 @@ class SwaaAttentionImpl(AttentionImpl[SwaaMetadata]):
         self._cpu_isa: str | None = None
         self._paged_attention: VllmCpuPagedAttention | None = None
         self._sink_window_kernel = "torch"
-        if current_platform.is_cpu() and any(not spec.is_full and spec.keep_first > 0 for spec in self.plan.layers):
-            self._sink_window_kernel = cpu_sink_window_kernel()  # at model construction: errors stop the start-up
+        if current_platform.is_cpu():
+            requested_choice()  # a bad SWAA_CPU_SINK_WINDOW_KERNEL stops the start-up even where it is not used
+            if any(not spec.is_full and spec.keep_first > 0 for spec in self.plan.layers):
+                self._sink_window_kernel = cpu_sink_window_kernel()  # at model construction: errors stop the start
 
     def _isa(self, kv_cache: torch.Tensor) -> str:
         """ISA of vLLM's CPU attention op for this cache, its layout checked once per process."""

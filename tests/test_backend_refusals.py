@@ -81,3 +81,7 @@ def test_models_without_sink_window_layers_never_build_the_kernel(monkeypatch):
     monkeypatch.setattr(backend, "kernel_choice", lambda: pytest.fail("kernel chosen without sink-window layers"))
     for swaa_config in (None, {"sliding_window_size": 16, "keep_first": 0}):
         assert _impl_for(monkeypatch, swaa_config)._sink_window_kernel == "torch"
+        monkeypatch.setenv("SWAA_CPU_SINK_WINDOW_KERNEL", "bogus")  # still refused, though never used
+        with pytest.raises(ValueError, match="SWAA_CPU_SINK_WINDOW_KERNEL must be auto, native or torch"):
+            _impl_for(monkeypatch, swaa_config)
+        monkeypatch.delenv("SWAA_CPU_SINK_WINDOW_KERNEL")

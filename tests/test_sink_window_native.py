@@ -234,12 +234,16 @@ def test_build_failure_message_names_the_fix(monkeypatch, tmp_path):
     from torch.utils import cpp_extension
 
     def no_compiler(**kwargs):
-        raise RuntimeError("Error building extension: c++: command not found")
+        raise RuntimeError("Error building extension 'x': [1/2] c++ -MMD -O3 -c sink_window_cpu.cpp\n"
+                           "FAILED: [code=127] sink_window_cpu.o\nc++ -MMD -O3 -c sink_window_cpu.cpp\n"
+                           "/bin/sh: 1: c++: not found\nninja: build stopped: subcommand failed.")
 
     monkeypatch.setattr(cpp_extension, "load", no_compiler)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    with pytest.raises(sink_window_native.NativeKernelError, match="install g\\+\\+ and ninja .* SWAA_CPU_SINK_WINDOW"):
+    fix = "install g\\+\\+ and ninja .* SWAA_CPU_SINK_WINDOW"
+    with pytest.raises(sink_window_native.NativeKernelError, match=fix) as err:
         sink_window_native._load.__wrapped__("native")
+    assert "c++: not found" in str(err.value) and "-MMD" not in str(err.value)  # the cause, not the command
 
 
 def test_build_folder_is_per_instruction_set(monkeypatch):
