@@ -11,6 +11,8 @@ that name).
   attention primitive (plain torch here, vLLM's C++ CPU op in the backend), the
   sink-window rows, which read only their sinks and window, in torch query tiles or
   with the native kernel.
+* :mod:`swaa_kernels.cpu_info`: the CPU's ``/proc/cpuinfo`` flags (which kernel build,
+  which benchmark dtype).
 * :mod:`swaa_kernels.sink_window_native`: builds (once per machine), loads and calls
   the C++ sink-window kernel ``sink_window_cpu.cpp`` (flash-attention over the sinks
   and the window, AVX-512), and picks it or the torch tiles

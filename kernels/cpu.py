@@ -447,12 +447,12 @@ def _sink_window_attention(
     k_sinks, window = spec.keep_first, spec.window
     h, d = query.shape[1], query.shape[2]
     for r, first, end, position in runs:
-        lo, hi = position - window + 1, position + end - first  # window keys of the whole run
-        # position >= W + k, so lo > k: the two ranges are disjoint.
         if native:
             native_sink_window_attention(query[first:end], kv_cache, block_table[r], out[first:end], k_sinks, window,
                                          position, scale)
             continue
+        lo, hi = position - window + 1, position + end - first  # window keys of the whole run
+        # position >= W + k, so lo > k: the two ranges are disjoint.
         keys, values, _ = _gather_keys(kv_cache, block_table[r], [(0, k_sinks), (lo, hi)])
         keys, values = keys.to(query.dtype), values.to(query.dtype)
         hkv = keys.shape[0]

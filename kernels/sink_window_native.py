@@ -33,6 +33,8 @@ from pathlib import Path
 
 import torch
 
+from swaa_kernels.cpu_info import cpu_flags
+
 __all__ = [
     "ENV_VAR",
     "NativeKernelError",
@@ -54,19 +56,9 @@ class NativeKernelError(RuntimeError):
     """The native kernel was asked for (``SWAA_CPU_SINK_WINDOW_KERNEL=native``) but cannot be built."""
 
 
-def _cpu_flags() -> list[str]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return sorted(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return []
-
-
 def cpu_has_avx512() -> bool:
     """True if this CPU reports AVX-512F (``/proc/cpuinfo``)."""
-    return "avx512f" in _cpu_flags()
+    return "avx512f" in cpu_flags()
 
 
 def requested_choice() -> str:
@@ -109,7 +101,7 @@ def _build_directory(march: str) -> Path:
     key.update(_SOURCE.read_bytes())
     key.update(march.encode())
     key.update(torch.__version__.encode())
-    key.update(" ".join(_cpu_flags()).encode())
+    key.update(" ".join(sorted(cpu_flags())).encode())
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     return cache / "swaa-vllm" / "kernels" / f"sink_window_cpu-{key.hexdigest()[:16]}"
 
@@ -145,7 +137,7 @@ def _load(march: str) -> None:
             is_python_module=False,
             verbose=False,
         )
-    except (RuntimeError, OSError, ImportError, FileNotFoundError) as exc:
+    except (RuntimeError, OSError, ImportError) as exc:
         # The compiler's own lines, without ninja's echo of the (long) compile commands.
         lines = [line for line in str(exc).strip().splitlines() if line.strip() and "-MMD" not in line]
         tail = "\n".join(lines[-4:])

@@ -13,9 +13,9 @@ elsewhere, and record :func:`describe` with their results.
 
 from __future__ import annotations
 
-import functools
 import sys
-from pathlib import Path
+
+from swaa_kernels.cpu_info import cpu_flags, cpuinfo_text
 
 __all__ = ["benchmark_dtype", "cpu_flags", "cpu_model", "describe", "has_native_bf16"]
 
@@ -23,26 +23,9 @@ __all__ = ["benchmark_dtype", "cpu_flags", "cpu_model", "describe", "has_native_
 NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 
 
-@functools.cache
-def _cpuinfo() -> str:
-    try:
-        return Path("/proc/cpuinfo").read_text()
-    except OSError:  # not Linux
-        return ""
-
-
-def cpu_flags(cpuinfo: str | None = None) -> frozenset[str]:
-    """The ``flags`` of the first processor in ``/proc/cpuinfo`` (or of the text given); empty off Linux."""
-    text = _cpuinfo() if cpuinfo is None else cpuinfo
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return frozenset(line.split(":", 1)[1].split())
-    return frozenset()
-
-
 def cpu_model(cpuinfo: str | None = None) -> str:
     """The ``model name`` of the first processor (``"unknown CPU"`` if there is none)."""
-    text = _cpuinfo() if cpuinfo is None else cpuinfo
+    text = cpuinfo_text() if cpuinfo is None else cpuinfo
     for line in text.splitlines():
         if line.startswith("model name"):
             return line.split(":", 1)[1].strip()
