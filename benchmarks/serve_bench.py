@@ -77,6 +77,13 @@ def prompt_count(length: int, concurrency: int) -> int:
     return 2 if length <= 2048 else 1
 
 
+def default_max_run_tokens(native_bf16: bool) -> int:
+    """The default ``--max-run-tokens``: the whole default grid (8192 tokens x 16 prompts = 131072) when the
+    run is in bf16 and bf16 is native (AVX-512 BF16 / AMX; see benchmarks/results/serve_bench.md for the
+    wall time), 65536 elsewhere (float32 on 2 AVX2 cores: the grid without that run took 54 min)."""
+    return 131072 if native_bf16 else 65536
+
+
 def planned_runs(lengths: list[int], concurrencies: list[int], max_run_tokens: int) -> tuple[list, list]:
     """``(runs, skipped)``: the ``(length, concurrency, prompts)`` of each run, in order, and those left out
     because their prompt tokens (``prompts * length``) exceed ``max_run_tokens`` (the time budget: on 2 AVX2
@@ -420,9 +427,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--raw-dir", type=Path, default=REPO / ".cache" / "serve_bench",
                         help="vLLM's JSON and log of each run, and the server logs")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--max-run-tokens", type=int, default=65536,
-                        help="leave out runs of more prompt tokens than this (prompts x length; default 65536 keeps "
-                             "the default grid near an hour on 2 cores: 8192 tokens x 16 prompts is left out)")
+    parser.add_argument("--max-run-tokens", type=int, default=None,
+                        help="leave out runs of more prompt tokens than this (prompts x length). Default: the "
+                             "whole grid (131072) on CPUs with native bf16, where it takes ~50 min on 2 cores; "
+                             "65536 elsewhere (float32 on AVX2 is ~4x slower: 8192 tokens x 16 prompts is left out "
+                             "so that the run stays near an hour)")
     parser.add_argument("--no-drift-check", action="store_true",
                         help="skip the baseline's repeat of the concurrency-1 runs at the end (~4 min)")
     args = parser.parse_args(argv)
@@ -433,6 +442,8 @@ def main(argv: list[str] | None = None) -> int:
     from swaa_vllm.platforms.cpu_features import benchmark_dtype, has_native_bf16
 
     dtype = benchmark_dtype() if args.dtype == "auto" else args.dtype
+    if args.max_run_tokens is None:
+        args.max_run_tokens = default_max_run_tokens(dtype == "bfloat16" and has_native_bf16())
     reason = ("chosen: native bf16" if has_native_bf16() else "chosen: no native bf16 on this CPU") \
         if args.dtype == "auto" else "--dtype"
     model_dir = Path(prepare_model())

@@ -109,6 +109,14 @@ def test_run_budget_leaves_out_only_the_runs_over_it(serve_bench):
     assert (8192, 16, 16) in runs and skipped == []
 
 
+def test_default_budget_is_the_whole_grid_only_with_native_bf16(serve_bench):
+    """bf16 on native-bf16 CPUs runs the whole default grid; float32 (AVX2 machines) leaves out 8k x 16."""
+    full = serve_bench.default_max_run_tokens(True)
+    assert serve_bench.planned_runs([2048, 8192], [1, 4, 16], full)[1] == []
+    assert serve_bench.planned_runs([2048, 8192], [1, 4, 16], serve_bench.default_max_run_tokens(False))[1] == [
+        (8192, 16, 16)]
+
+
 def _result(req_s, out_s, ttft_ms, itl_ms):
     fields = dict.fromkeys(("completed", "failed", "duration", "total_input_tokens", "total_output_tokens",
                             "total_token_throughput", "max_concurrent_requests"), 0)
