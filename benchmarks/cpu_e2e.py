@@ -11,8 +11,9 @@ the same Llama architecture) and each configuration
 one engine is started (bf16 on CPUs with native bf16, else float32, see
 :mod:`swaa_vllm.platforms.cpu_features`; eager, vLLM's default chunked-prefill budget, prefix
 caching on so that the decode prompts are prefilled once). All four engines stay up together and
-are measured in interleaved rounds (``--rounds``, default 5; the order rotates each round, and
-every configuration gets the same prompts in a round), so slow drift of the machine (measured on
+are measured in interleaved rounds (``--rounds``, default 5; within a round each measurement runs
+on every engine back to back before the next measurement, in an order that rotates each round, and
+every configuration gets the same prompts in a round), so drift of the machine (measured on
 these VMs: up to 1.4x over an hour, ``benchmarks/results/serve_bench.md``) cancels in the paired
 per-round ratios. Per round, on random-token prompts:
 
@@ -228,9 +229,10 @@ def measure_all(model: str, shape: Shape, config_list: list[Config], lengths: li
                 load_format: str, dtype: str) -> list[Measured]:
     """Every configuration's engine at once, measured in interleaved rounds (paired, drift-robust).
 
-    Round ``r`` measures, per configuration in an order rotated by ``r``: TTFT at each length of
-    ``lengths`` (lengths >= ``args.repeat_below`` only in round 0), the same fresh random prompt for
-    every configuration; one single-request decode window (``args.decode_tokens`` tokens after the
+    Round ``r`` measures, each on every configuration back to back in an order rotated by ``r``
+    (:func:`round_order`) before the next measurement: TTFT at each length of ``lengths`` (lengths >=
+    ``args.repeat_below`` only in round 0), the same fresh random prompt for every configuration; one
+    single-request decode window (``args.decode_tokens`` tokens after the
     ``args.decode_context``-token prompt, prefix-cached after the warm-up); one batched window
     (``args.batch`` prompts of ``args.batch_context`` tokens, cached, decoding together).
     """
@@ -268,21 +270,32 @@ def measure_all(model: str, shape: Shape, config_list: list[Config], lengths: li
         for r in range(args.rounds):
             round_lengths = [n for n in lengths if r == 0 or n < args.repeat_below]
             round_prompts = {n: prompt(n) for n in round_lengths}
-            order = list(range(len(llms)))
-            order = order[r % len(order):] + order[: r % len(order)]
-            for i in order:
-                llm, res, name = llms[i], results[i], config_list[i].name
-                for n in round_lengths:
-                    ttft, _ = _timed(llm, round_prompts[n], 1)
-                    res.ttft_rounds.setdefault(n, []).append(ttft)
-                _, rate = _timed(llm, decode_prompt, args.decode_tokens + 1)
-                res.decode_windows.append(rate)
-                res.batch_decode_windows.append(_batch_decode(llm, batch_prompts, args.decode_tokens))
+            # Measurement-major: each measurement runs on every engine back to back before the next one, so
+            # the pairs a ratio compares are seconds apart (this VM's speed drifts over tens of seconds).
+            for what in [*round_lengths, "decode", "batch"]:
+                for i in round_order(len(llms), r):
+                    llm, res = llms[i], results[i]
+                    if what == "decode":
+                        _, value = _timed(llm, decode_prompt, args.decode_tokens + 1)
+                        res.decode_windows.append(value)
+                    elif what == "batch":
+                        value = _batch_decode(llm, batch_prompts, args.decode_tokens)
+                        res.batch_decode_windows.append(value)
+                    else:
+                        value, _ = _timed(llm, round_prompts[what], 1)
+                        res.ttft_rounds.setdefault(what, []).append(value)
+                    time.sleep(0.5)  # let this engine's threads go idle before the next one runs
+            for res in results:
                 ttfts = ", ".join(f"{n}: {res.ttft_rounds[n][-1]:.2f} s" for n in round_lengths)
-                print(f"  round {r} {name}: TTFT {ttfts}; decode {rate:.1f} tok/s, "
+                print(f"  round {r} {res.config}: TTFT {ttfts}; decode {res.decode_windows[-1]:.1f} tok/s, "
                       f"{args.batch} together {res.batch_decode_windows[-1]:.1f} tok/s", flush=True)
-                time.sleep(0.5)  # let this engine's threads go idle before the next one runs
     return [res.finish() for res in results]
+
+
+def round_order(engines: int, r: int) -> list[int]:
+    """Engine order of round ``r``: ``0 .. engines - 1`` rotated by ``r``, so each engine leads in turn."""
+    order = list(range(engines))
+    return order[r % engines:] + order[: r % engines]
 
 
 def check_memory(engines: int, bytes_per_engine: int, overhead: int = 1 << 30) -> None:
@@ -371,7 +384,8 @@ def report(models: list[dict], env: dict, targets: list[str]) -> str:
         f"{env['cores']} cores, Python {env['python']}, torch {env['torch']}, vLLM {env['vllm']}. "
         f"{env.get('dtype', 'bfloat16')}, eager, prefix caching on (the decode prompts are cached; every TTFT "
         "prompt is new). TTFT and decode from vLLM's engine-core timestamps. Every configuration's engine runs "
-        f"in one process group at once, measured in {rounds} interleaved rounds (order rotated per round, the same "
+        f"in one process group at once, measured in {rounds} interleaved rounds (each measurement on every "
+        "engine back to back, so paired values are seconds apart; order rotated per round; the same "
         f"prompts for every configuration within a round); TTFT below {env.get('repeat_below', '-')} tokens and "
         "the decode windows are medians over the rounds, longer TTFTs one round. Ratios are medians of the "
         "per-round paired ratios [min-max]. Decode: "

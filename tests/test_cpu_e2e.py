@@ -76,3 +76,50 @@ def test_medians_targets_and_report(cpu_e2e):
     # medians in the first table; paired ratio with its range in the second
     assert f"| CPU_ATTN | {statistics.median([1.0, 1.2, 0.9]):.2f} | 10.00 | 20.0 | 100.0 |" in text
     assert "1.02 [1.02-1.02] / 1.00 / 1.02" in text
+
+
+def test_rounds_pair_each_measurement_across_engines_back_to_back(cpu_e2e, monkeypatch):
+    """Within a round every engine runs one measurement before any engine runs the next, in a rotated order,
+    so each paired ratio compares values taken seconds apart (fake engines record the order of the calls)."""
+    import argparse
+    import contextlib
+
+    calls = []
+
+    class FakeLLM:
+        def __init__(self, name):
+            self.name = name
+
+    @contextlib.contextmanager
+    def fake_engine(model, **kwargs):
+        yield FakeLLM(kwargs["attention_backend"] + str(kwargs.get("hf_overrides", "")))
+
+    def fake_timed(llm, prompt, max_tokens):
+        calls.append((llm.name, "decode" if max_tokens > 1 else len(prompt)))
+        return 1.0, 10.0
+
+    def fake_batch(llm, prompts, tokens):
+        calls.append((llm.name, "batch"))
+        return 100.0
+
+    monkeypatch.setattr(cpu_e2e, "engine", fake_engine)
+    monkeypatch.setattr(cpu_e2e, "_timed", fake_timed)
+    monkeypatch.setattr(cpu_e2e, "_batch_decode", fake_batch)
+    monkeypatch.setattr(cpu_e2e, "check_memory", lambda *a: None)
+    monkeypatch.setattr(cpu_e2e.time, "sleep", lambda s: None)
+    shape = cpu_e2e.Shape(hidden=64, layers=2, heads=2, kv_heads=1, head_dim=32, intermediate=128, vocab=1000)
+    config_list = cpu_e2e.configs(2)
+    args = argparse.Namespace(decode_context=256, decode_tokens=4, batch=2, batch_context=128, rounds=3,
+                              repeat_below=1024)
+    results = cpu_e2e.measure_all("model", shape, config_list, [512, 2048], args, "dummy", "float32")
+    names = [FakeLLM(c.backend + str({"swaa_config": c.swaa_config} if c.swaa_config else "")).name
+             for c in config_list]
+    measured = calls[3 * len(names):]  # after the warm-up (3 calls per engine)
+    per_round = [[512, 2048, "decode", "batch"], [512, "decode", "batch"], [512, "decode", "batch"]]
+    expected = []
+    for r, whats in enumerate(per_round):
+        order = names[r % 4:] + names[: r % 4]
+        expected += [(name, what) for what in whats for name in order]
+    assert measured == expected
+    assert [len(res.decode_windows) for res in results] == [3] * 4
+    assert [len(res.ttft_rounds[512]) for res in results] == [3] * 4
