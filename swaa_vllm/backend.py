@@ -52,7 +52,6 @@ from swaa_vllm.platforms.cpu_attention_op import (
     VllmCpuPagedAttention,
     check_cache_layout,
     cpu_attention_isa,
-    write_kv_cache_op,
 )
 from swaa_vllm.prompt_lengths import RunnerPromptLengths
 from swaa_vllm.vllm_shims import BACKEND_NAME
@@ -314,7 +313,9 @@ class SwaaAttentionImpl(AttentionImpl[SwaaMetadata]):
 
             write_kv_cache_cuda(key, value, *cuda_kv_views(kv_cache), slot_mapping)
             return
-        write_kv_cache_op(key, value, kv_cache, slot_mapping, self._isa(kv_cache))
+        if self._paged_attention is None:
+            self._isa(kv_cache)
+        self._paged_attention.write(key, value, kv_cache, slot_mapping)
 
     def forward(
         self,
@@ -341,7 +342,8 @@ class SwaaAttentionImpl(AttentionImpl[SwaaMetadata]):
             forward_cuda(query[:n].view(shape), *cuda_kv_views(kv_cache), attn_metadata,
                          self._spec(layer.layer_name), self.scale, output[:n].view(shape))
             return output
-        self._isa(kv_cache)
+        if self._paged_attention is None:
+            self._isa(kv_cache)
         spec = self._spec(layer.layer_name)
         paged_swaa_attention(
             query[:n].view(n, self.num_heads, self.head_size),

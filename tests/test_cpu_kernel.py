@@ -471,6 +471,23 @@ def test_vllm_writer_uses_the_layout_we_read(block_size, head_size, dtype):
     assert ours.abs().sum() > 0
 
 
+def test_paged_attention_writer_keeps_views_per_cache_tensor():
+    """``VllmCpuPagedAttention.write`` (the backend's per-layer writer) keeps its views of the last cache, and a
+    second cache passed through the same instance is written, not the first one again."""
+    gen = torch.Generator().manual_seed(3)
+    block_size, head_size, hkv, nb, n = 32, 64, 2, 4, 40
+    paged = VllmCpuPagedAttention(cpu_attention_isa(block_size, head_size))
+    for _ in range(2):
+        key = torch.randn(n, hkv, head_size, generator=gen)
+        value = torch.randn(n, hkv, head_size, generator=gen)
+        slots = torch.randperm(nb * block_size, generator=gen)[:n]
+        expected, got = torch.zeros(2, nb, hkv, block_size, 2 * head_size)
+        write_kv_cache(key, value, expected, slots)
+        paged.write(key, value, got, slots)
+        paged.write(key, value, got, slots)  # second write through the kept views: same result
+        assert torch.equal(got, expected) and got.abs().sum() > 0
+
+
 def test_cpu_attention_isa_refuses_sizes_the_op_cannot_serve():
     assert cpu_attention_isa(128, 64) == "vec"
     assert cpu_attention_isa(16, 64) == "vec16"

@@ -121,6 +121,24 @@ class VllmCpuPagedAttention:
 
     def __init__(self, isa: str) -> None:
         self.isa = isa
+        self._views: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    def cache_views(self, kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(key_cache, value_cache)``: the op's views of ``kv_cache``, kept for the last cache seen.
+
+        One instance serves one layer, whose cache tensor vLLM allocates once, so the views are
+        made once instead of at every write and forward (``tests/test_cpu_kernel.py`` passes
+        several caches through one instance: a different tensor object gets its own views).
+        """
+        views = self._views
+        if views is None or views[0] is not kv_cache:
+            views = self._views = (kv_cache, *_split(kv_cache))
+        return views[1], views[2]
+
+    def write(self, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+        """:func:`write_kv_cache_op` through the kept views."""
+        key_cache, value_cache = self.cache_views(kv_cache)
+        ops.cpu_attn_reshape_and_cache(key, value, key_cache, value_cache, slot_mapping[: key.shape[0]], self.isa)
 
     def __call__(
         self, query: torch.Tensor, kv_cache: torch.Tensor, batch: PagedBatch, scale: float, out: torch.Tensor
@@ -145,7 +163,7 @@ class VllmCpuPagedAttention:
                 enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV,
             )
             batch.prepared[key] = metadata
-        key_cache, value_cache = _split(kv_cache)
+        key_cache, value_cache = self.cache_views(kv_cache)
         ops.cpu_attention_with_kv_cache(
             query=query,
             key_cache=key_cache,
