@@ -15,7 +15,9 @@ script times that directly, with both backends' real attention classes
 
 At a short context (default 256 keys) the op itself is cheap and the difference is the Python
 per step; at the decode context of ``make bench`` (8192) it is set against the whole attention
-time. vLLM's model-runner work outside attention (the same for both backends) is not included.
+time. ``--rows N`` times the last N prompt rows of a prefill chunk instead (the same op for both
+backends without ``swaa_config``). vLLM's model-runner work outside attention (the same for both
+backends) is not included.
 Run: ``.venv/bin/python benchmarks/decode_overhead.py [--contexts 256 8192] [--steps 200]``.
 """
 
@@ -45,8 +47,9 @@ def _layer(index: int, isa: str):
                                  _k_scale_float=1.0, _v_scale_float=1.0)
 
 
-def step_times(context: int, layers: int, steps: int, dtype: torch.dtype) -> dict[str, float]:
-    """Median seconds per decode step of each backend at ``context`` keys (steps interleaved).
+def step_times(context: int, layers: int, steps: int, dtype: torch.dtype, rows: int = 1) -> dict[str, float]:
+    """Median seconds per step of each backend: ``rows`` query rows (1: a decode row; more: the last rows of a
+    prefill chunk, all prompt tokens) of one request at ``context`` keys (steps interleaved).
 
     Raises:
         RuntimeError: if the two backends' outputs of the last layer differ (they run the same op).
@@ -56,22 +59,22 @@ def step_times(context: int, layers: int, steps: int, dtype: torch.dtype) -> dic
     gen = torch.Generator().manual_seed(0)
     num_blocks = context // BLOCK + 1
     caches = [torch.randn(num_blocks, KV_HEADS, BLOCK, 2 * HEAD_SIZE, generator=gen).to(dtype) for _ in range(layers)]
-    query = torch.randn(1, HEADS, HEAD_SIZE, generator=gen).to(dtype)
-    key = torch.randn(1, KV_HEADS, HEAD_SIZE, generator=gen).to(dtype)
-    value = torch.randn(1, KV_HEADS, HEAD_SIZE, generator=gen).to(dtype)
+    query = torch.randn(rows, HEADS, HEAD_SIZE, generator=gen).to(dtype)
+    key = torch.randn(rows, KV_HEADS, HEAD_SIZE, generator=gen).to(dtype)
+    value = torch.randn(rows, KV_HEADS, HEAD_SIZE, generator=gen).to(dtype)
     out = torch.empty_like(query)
     block_table = torch.arange(num_blocks, dtype=torch.int32)[None]
-    query_start_loc = torch.tensor([0, 1], dtype=torch.int32)
+    query_start_loc = torch.tensor([0, rows], dtype=torch.int32)
     seq_lens = torch.tensor([context], dtype=torch.int32)
-    prompt_lens = torch.tensor([context - 1], dtype=torch.int32)
-    slot_mapping = torch.tensor([context - 1], dtype=torch.int64)
+    prompt_lens = torch.tensor([context - 1 if rows == 1 else context], dtype=torch.int32)
+    slot_mapping = torch.arange(context - rows, context, dtype=torch.int64)
     layer_objs = [_layer(i, isa) for i in range(layers)]
     cpu_attn = CPUAttentionBackendImpl(HEADS, HEAD_SIZE, scale, KV_HEADS, None, None, "auto")
     swaa = SwaaAttentionImpl(HEADS, HEAD_SIZE, scale, KV_HEADS)
 
     def cpu_attn_step() -> None:
         metadata = CPUAttentionMetadata(
-            num_actual_tokens=1, max_query_len=1, query_start_loc=query_start_loc, max_seq_len=context,
+            num_actual_tokens=rows, max_query_len=rows, query_start_loc=query_start_loc, max_seq_len=context,
             seq_lens=seq_lens, block_table=block_table, slot_mapping=slot_mapping,
             scheduler_metadata=ops.cpu_attn_get_scheduler_metadata(
                 num_reqs=1, num_heads=HEADS, num_kv_heads=KV_HEADS, head_dim=HEAD_SIZE, seq_lens=seq_lens,
@@ -83,7 +86,7 @@ def step_times(context: int, layers: int, steps: int, dtype: torch.dtype) -> dic
             cpu_attn.forward(layer, query, key, value, kv_cache, metadata, out)
 
     def swaa_step() -> None:
-        metadata = SwaaMetadata(num_actual_tokens=1, query_start_loc=query_start_loc, seq_lens=seq_lens,
+        metadata = SwaaMetadata(num_actual_tokens=rows, query_start_loc=query_start_loc, seq_lens=seq_lens,
                                 prompt_lens=prompt_lens, block_table=block_table)
         for layer, kv_cache in zip(layer_objs, caches, strict=True):
             swaa.do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
@@ -111,13 +114,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--contexts", type=int, nargs="+", default=[256, 8192], help="keys per decode row")
     parser.add_argument("--layers", type=int, default=30, help="attention layers per step (bundled model: 30)")
     parser.add_argument("--steps", type=int, default=200, help="steps per backend (interleaved, median)")
+    parser.add_argument("--rows", type=int, default=1,
+                        help="query rows per step: 1 = a decode row (default); N > 1 = the last N prompt rows of a "
+                             "prefill chunk (each context must be >= N)")
     parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                         help="auto: bfloat16 with native bf16 (AVX-512 BF16 / AMX), else float32")
     parser.add_argument("--model", default=None,
                         help="model directory for vLLM's config (default: the bundled model, prepared if needed)")
     args = parser.parse_args(argv)
-    if min(args.contexts) < 2 or args.layers < 1 or args.steps < 1:
-        parser.error("--contexts must be >= 2, --layers and --steps >= 1")
+    if min(args.contexts) < 2 or args.layers < 1 or args.steps < 1 or args.rows < 1:
+        parser.error("--contexts must be >= 2, --layers, --steps and --rows >= 1")
+    if args.rows > min(args.contexts):
+        parser.error(f"--rows {args.rows} exceeds the shortest --contexts {min(args.contexts)}")
     dtype_name = benchmark_dtype() if args.dtype == "auto" else args.dtype
     dtype = getattr(torch, dtype_name)
     if args.model is None:
@@ -125,15 +133,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
         args.model = str(prepare_model())
     config = VllmConfig(model_config=ModelConfig(model=args.model, dtype=dtype_name))
+    what = "one decode row" if args.rows == 1 else f"{args.rows} prefill rows"
     print(f"{cpu_model()}, {describe()}, {torch.get_num_threads()} threads, {dtype_name}; {args.layers} layers, "
-          f"one decode row, {args.steps} interleaved steps per backend (medians)")
+          f"{what}, {args.steps} interleaved steps per backend (medians)")
     print("| context (keys) | CPU_ATTN step (us) | swaa step (us) | swaa - CPU_ATTN per step (us) | per layer (us) "
           "| swaa / CPU_ATTN |")
     print("|---|---|---|---|---|---|")
     rows = []
     with set_current_vllm_config(config):
         for context in args.contexts:
-            t = step_times(context, args.layers, args.steps, dtype)
+            t = step_times(context, args.layers, args.steps, dtype, args.rows)
             extra = (t["swaa"] - t["CPU_ATTN"]) * 1e6
             rows.append({"context": context, **t, "extra_us": extra})
             print(f"| {context} | {t['CPU_ATTN'] * 1e6:.0f} | {t['swaa'] * 1e6:.0f} | {extra:+.0f} | "
