@@ -50,7 +50,7 @@ model: $(STAMP)
 
 serve: $(STAMP)
 	@$(PY) -c 'import json, sys; json.loads(sys.argv[1])' '$(SWAA_CONFIG)' 2>/dev/null || \
-	  { echo "SWAA_CONFIG is not valid JSON: $(SWAA_CONFIG)" >&2; exit 2; }
+	  { echo 'SWAA_CONFIG is not valid JSON: $(SWAA_CONFIG)' >&2; exit 2; }
 	@echo "CPU: $$($(PY) -c 'from swaa_vllm.platforms.cpu_features import cpu_model, describe; print(cpu_model() + ", " + describe())'); dtype float32 (the bundled checkpoint's; in bf16 this model degrades, and without native bf16 it is emulated)"
 	@MODEL_DIR=$$($(VENV)/bin/swaa-vllm-prepare-model) && \
 	echo "Serving $$MODEL_DIR on http://$(HOST):$(PORT) with --attention-backend swaa" && \
