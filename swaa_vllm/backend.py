@@ -274,7 +274,6 @@ class SwaaAttentionImpl(AttentionImpl[SwaaMetadata]):
         self.kv_sharing_target_layer_name = None
         self.plan: SwaaPlan = plan_from_hf_config(get_current_vllm_config().model_config.hf_config)
         self._layer_specs: dict[str, LayerMaskSpec] = {}
-        self._cpu_isa: str | None = None
         self._paged_attention: VllmCpuPagedAttention | None = None
         self._sink_window_kernel = "torch"
         if current_platform.is_cpu():
@@ -282,15 +281,14 @@ class SwaaAttentionImpl(AttentionImpl[SwaaMetadata]):
             if any(not spec.is_full and spec.keep_first > 0 for spec in self.plan.layers):
                 self._sink_window_kernel = cpu_sink_window_kernel()  # at model construction: errors stop the start
 
-    def _isa(self, kv_cache: torch.Tensor) -> str:
-        """ISA of vLLM's CPU attention op for this cache, its layout checked once per process."""
-        if self._cpu_isa is None:
+    def _cpu_op(self, kv_cache: torch.Tensor) -> VllmCpuPagedAttention:
+        """This layer's vLLM CPU attention op (writer and paged attention); the cache layout is checked once."""
+        if self._paged_attention is None:
             block_size, head_size = kv_cache.shape[2], kv_cache.shape[3] // 2
             isa = cpu_attention_isa(block_size, head_size)
             check_cache_layout(isa, kv_cache.dtype, head_size, block_size)
-            self._cpu_isa = isa
             self._paged_attention = VllmCpuPagedAttention(isa)
-        return self._cpu_isa
+        return self._paged_attention
 
     def _spec(self, layer_name: str) -> LayerMaskSpec:
         spec = self._layer_specs.get(layer_name)
@@ -313,9 +311,7 @@ class SwaaAttentionImpl(AttentionImpl[SwaaMetadata]):
 
             write_kv_cache_cuda(key, value, *cuda_kv_views(kv_cache), slot_mapping)
             return
-        if self._paged_attention is None:
-            self._isa(kv_cache)
-        self._paged_attention.write(key, value, kv_cache, slot_mapping)
+        self._cpu_op(kv_cache).write(key, value, kv_cache, slot_mapping)
 
     def forward(
         self,
@@ -342,8 +338,7 @@ class SwaaAttentionImpl(AttentionImpl[SwaaMetadata]):
             forward_cuda(query[:n].view(shape), *cuda_kv_views(kv_cache), attn_metadata,
                          self._spec(layer.layer_name), self.scale, output[:n].view(shape))
             return output
-        if self._paged_attention is None:
-            self._isa(kv_cache)
+        paged_attention = self._cpu_op(kv_cache)
         spec = self._spec(layer.layer_name)
         paged_swaa_attention(
             query[:n].view(n, self.num_heads, self.head_size),
@@ -356,7 +351,7 @@ class SwaaAttentionImpl(AttentionImpl[SwaaMetadata]):
             self.scale,
             out=output[:n].view(n, self.num_heads, self.head_size),
             plan=attn_metadata.plan_for(spec),
-            paged_attention=self._paged_attention,
+            paged_attention=paged_attention,
             sink_window_kernel=self._sink_window_kernel,
         )
         return output

@@ -72,7 +72,11 @@ def write_kv_cache_op(
             ``num_tokens`` are ignored.
         isa: from :func:`cpu_attention_isa`.
     """
-    key_cache, value_cache = _split(kv_cache)
+    _write_views(key, value, *_split(kv_cache), slot_mapping, isa)
+
+
+def _write_views(key, value, key_cache, value_cache, slot_mapping, isa: str) -> None:
+    """vLLM's writer into the key/value views of :func:`_split` (padding slots past ``num_tokens`` dropped)."""
     ops.cpu_attn_reshape_and_cache(key, value, key_cache, value_cache, slot_mapping[: key.shape[0]], isa)
 
 
@@ -137,8 +141,7 @@ class VllmCpuPagedAttention:
 
     def write(self, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
         """:func:`write_kv_cache_op` through the kept views."""
-        key_cache, value_cache = self.cache_views(kv_cache)
-        ops.cpu_attn_reshape_and_cache(key, value, key_cache, value_cache, slot_mapping[: key.shape[0]], self.isa)
+        _write_views(key, value, *self.cache_views(kv_cache), slot_mapping, self.isa)
 
     def __call__(
         self, query: torch.Tensor, kv_cache: torch.Tensor, batch: PagedBatch, scale: float, out: torch.Tensor

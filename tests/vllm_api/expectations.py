@@ -286,7 +286,7 @@ EXPECTATIONS: tuple[Expect, ...] = (
         )
     ),
     cls(_BACKEND, "AttentionImpl", used_by="swaa_vllm/backend.py: SwaaAttentionImpl base"),
-    abstracts(_BACKEND, "AttentionImpl", ("__init__", "_isa", "_spec", "do_kv_cache_update", "forward"),
+    abstracts(_BACKEND, "AttentionImpl", ("__init__", "_cpu_op", "_spec", "do_kv_cache_update", "forward"),
               used_by="swaa_vllm/backend.py: SwaaAttentionImpl must implement every abstract method"),
     method(_BACKEND, "AttentionImpl.__init__",
            ("num_heads", "head_size", "scale", "num_kv_heads", "alibi_slopes", "sliding_window", "kv_cache_dtype",
