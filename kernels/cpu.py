@@ -35,6 +35,12 @@ layer's cache is ``kv_cache`` ``[num_blocks, num_kv_heads, block_size, 2 * head_
 hold the keys *transposed* (``[head_size, block_size]``), the next ones the values
 (``[block_size, head_size]``). The token at absolute position ``p`` of request ``r``
 is at offset ``p % block_size`` of block ``block_table[r, p // block_size]``.
+
+On CPUs with AMX, vLLM's op picks ISA ``amx`` for bfloat16 caches (block and head size
+multiples of 32) and packs the same tensor differently (:func:`amx_key_value_blocks`,
+:func:`write_kv_cache_amx`). The native sink-window kernel reads that layout too
+(``cache_layout="amx"`` of :func:`paged_swaa_attention`); the torch paths here read ``vec``
+only.
 """
 
 from __future__ import annotations
@@ -49,8 +55,10 @@ import torch.nn.functional as F
 from swaa_kernels.sink_window_native import native_sink_window_attention, supports
 
 __all__ = [
+    "CACHE_LAYOUTS",
     "FULL_ATTENTION",
     "LayerMaskSpec",
+    "amx_key_value_blocks",
     "PagedAttention",
     "PagedBatch",
     "RowPlan",
@@ -60,7 +68,11 @@ __all__ = [
     "torch_paged_attention",
     "value_blocks",
     "write_kv_cache",
+    "write_kv_cache_amx",
 ]
+
+#: The cache layouts the CPU path reads: vLLM's CPU attention op with ISA ``vec``/``vec16``, and ``amx``.
+CACHE_LAYOUTS = ("vec", "amx")
 
 
 @dataclass(frozen=True)
@@ -133,6 +145,62 @@ def write_kv_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tenso
     # Advanced indices on dims 0 and 3 (keys) / 0 and 2 (values): rows are [tokens, Hkv, D].
     kb[blocks, :, :, offsets] = key.to(kv_cache.dtype)
     vb[blocks, :, offsets, :] = value.to(kv_cache.dtype)
+
+
+def _amx_views(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The AMX layout's 6-D views: keys ``[nb, Hkv, bs/16, D/2, 16, 2]``, values ``[nb, Hkv, D/16, bs/2, 16, 2]``."""
+    nb, hkv, bs, d2 = kv_cache.shape
+    d = d2 // 2
+    if kv_cache.dtype != torch.bfloat16 or bs % 32 or d % 32:
+        raise ValueError(
+            f"vLLM's AMX cache layout exists for bfloat16 caches with block and head sizes that are multiples of 32, "
+            f"got {kv_cache.dtype}, block_size={bs}, head_size={d}"
+        )
+    regions = kv_cache.view(nb, hkv, 2, bs * d)
+    keys = regions[:, :, 0].view(nb, hkv, bs // 16, d // 2, 16, 2)
+    return keys, regions[:, :, 1].view(nb, hkv, d // 16, bs // 2, 16, 2)
+
+
+def amx_key_value_blocks(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values of a cache in vLLM's AMX layout, ``[num_blocks, num_kv_heads, block_size, head_size]`` each.
+
+    Copies (the layout is not a strided view of that shape).
+
+    vLLM's ``cpu_attn_reshape_and_cache`` with ISA ``amx`` (``csrc/cpu/cpu_attn_amx.hpp``) stores, per block
+    and KV head, the keys as AMX B tiles of 16 keys with head dimensions in pairs (``[bs / 16][D / 2][16][2]``),
+    then the values with 16 head dimensions per tile and keys in pairs (``[D / 16][bs / 2][16][2]``); checked
+    bit for bit against vLLM's writer (``tests/test_sink_window_native.py``, and at backend start-up).
+
+    Raises:
+        ValueError: for a cache that is not bfloat16 or whose block or head size is not a multiple of 32.
+    """
+    keys, values = _amx_views(kv_cache)
+    nb, hkv, bs, d2 = kv_cache.shape
+    k = keys.permute(0, 1, 2, 4, 3, 5).reshape(nb, hkv, bs, d2 // 2)
+    v = values.permute(0, 1, 3, 5, 2, 4).reshape(nb, hkv, bs, d2 // 2)
+    return k, v
+
+
+def write_kv_cache_amx(
+    key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    """:func:`write_kv_cache` into vLLM's AMX layout (:func:`amx_key_value_blocks`); plain torch.
+
+    Raises:
+        ValueError: as :func:`amx_key_value_blocks`.
+    """
+    keys, values = _amx_views(kv_cache)
+    num_tokens, hkv, d = key.shape
+    bs = kv_cache.shape[2]
+    slots = slot_mapping[:num_tokens].long()
+    valid = slots >= 0
+    if not bool(valid.all()):
+        slots, key, value = slots[valid], key[valid], value[valid]
+    blocks, offsets = slots // bs, slots % bs
+    n = slots.shape[0]
+    # Advanced indices on dims 0, 2, 4 (keys) / 0, 3, 5 (values) go first: [n, Hkv, D / 2, 2] / [n, Hkv, D / 16, 16].
+    keys[blocks, :, offsets // 16, :, offsets % 16, :] = key.to(kv_cache.dtype).view(n, hkv, d // 2, 2)
+    values[blocks, :, :, offsets // 2, :, offsets % 2] = value.to(kv_cache.dtype).view(n, hkv, d // 16, 16)
 
 
 def _gather_keys(
@@ -432,6 +500,7 @@ def _sink_window_attention(
     out: torch.Tensor,
     query_tile: int,
     native: bool,
+    amx_layout: bool = False,
 ) -> None:
     """Sink-window rows (positions >= W + k): keys ``[0, k)`` + each row's window.
 
@@ -449,7 +518,7 @@ def _sink_window_attention(
     for r, first, end, position in runs:
         if native:
             native_sink_window_attention(query[first:end], kv_cache, block_table[r], out[first:end], k_sinks, window,
-                                         position, scale)
+                                         position, scale, amx_layout)
             continue
         lo, hi = position - window + 1, position + end - first  # window keys of the whole run
         # position >= W + k, so lo > k: the two ranges are disjoint.
@@ -502,6 +571,7 @@ def paged_swaa_attention(
     paged_attention: PagedAttention = torch_paged_attention,
     query_tile: int = 128,
     sink_window_kernel: str = "torch",
+    cache_layout: str = "vec",
 ) -> torch.Tensor:
     """SWAA attention of a batch of requests whose keys are in a paged cache.
 
@@ -528,25 +598,40 @@ def paged_swaa_attention(
             (:mod:`swaa_kernels.sink_window_native`, built on first use). A head layout the native
             kernel does not serve (:func:`~swaa_kernels.sink_window_native.supports`) takes the
             torch path.
+        cache_layout: ``"vec"`` (the module docstring) or ``"amx"`` (:func:`amx_key_value_blocks`: the cache
+            was written by vLLM's op with ISA ``amx``; ``paged_attention`` must read it too, and
+            sink-window rows need the native kernel).
 
     Returns:
         ``[num_tokens, num_heads, head_size]`` in ``query.dtype`` (``out`` if given).
 
     Raises:
-        ValueError: if a request's query is longer than its sequence, or ``sink_window_kernel``
-            is not ``"torch"`` or ``"native"``.
+        ValueError: if a request's query is longer than its sequence, ``sink_window_kernel``
+            is not ``"torch"`` or ``"native"``, ``cache_layout`` is not ``"vec"`` or ``"amx"``, or an
+            ``"amx"`` cache meets a torch reader (``torch_paged_attention``, or sink-window rows on the torch path).
     """
     if sink_window_kernel not in ("torch", "native"):
         raise ValueError(f"sink_window_kernel must be 'torch' or 'native', got {sink_window_kernel!r}")
+    if cache_layout not in CACHE_LAYOUTS:
+        raise ValueError(f"cache_layout must be one of {CACHE_LAYOUTS}, got {cache_layout!r}")
+    amx = cache_layout == "amx"
+    if amx and paged_attention is torch_paged_attention:
+        raise ValueError("torch_paged_attention reads the vec cache layout only; pass vLLM's op for an amx cache")
     num_tokens = query.shape[0]
     if out is None:
         out = torch.empty_like(query)
     if plan is None:
         plan = plan_rows(query_start_loc, seq_lens, prompt_lens, block_table, spec)
+    native = sink_window_kernel == "native" and supports(query.shape[1], kv_cache.shape[1], query.shape[2])
+    if amx and plan.sink_window and not native:
+        raise ValueError(
+            "sink-window rows of an amx cache need the native kernel (sink_window_kernel='native' and a head "
+            "layout it supports); the torch path reads the vec layout only"
+        )
     for batch in (plan.causal, plan.windowed):
         if batch is not None:
             _run_batch(paged_attention, query, kv_cache, batch, scale, out)
     if plan.sink_window:
-        native = sink_window_kernel == "native" and supports(query.shape[1], kv_cache.shape[1], query.shape[2])
-        _sink_window_attention(query, kv_cache, block_table, plan.sink_window, spec, scale, out, query_tile, native)
+        _sink_window_attention(query, kv_cache, block_table, plan.sink_window, spec, scale, out, query_tile, native,
+                               amx)
     return out if out.shape[0] == num_tokens else out[:num_tokens]

@@ -409,11 +409,29 @@ void attend_unit(const T* query, const float* kt, const uint16_t* kt16, const fl
   }
 }
 
-// Packs the run's keys and values from the paged cache (vLLM's CPU layout, ISA vec/vec16: per block and KV head,
-// the keys transposed [D, block_size], then the values [block_size, D]) into float32 blocks of 32 keys.
-// With kt16 (bf16 caches on AVX512_BF16 CPUs), the keys go there as bf16 pairs of head dimensions ([D / 2][32][2]
-// per block) instead of into kt.
-template <typename T>
+// Offsets of key / value element (t, d) of one block and KV head (t: offset in the block, d: head dimension) from
+// the start of that block's keys, in the two layouts of vLLM's CPU attention op (csrc/cpu/cpu_attn_*.hpp; checked
+// against its writer cpu_attn_reshape_and_cache by tests/test_sink_window_native.py and at backend start-up):
+// * ISA vec/vec16: keys transposed [D][block_size], then values [block_size][D];
+// * ISA amx (bf16; block_size and D multiples of 32): keys [block_size / 16][D / 2][16][2] (AMX B tiles of 16 keys,
+//   head dimensions in pairs), then values [D / 16][block_size / 2][16][2] (16 dimensions, keys in pairs).
+struct VecLayout {
+  static int64_t key(int64_t t, int64_t d, int64_t block_size, int64_t) { return d * block_size + t; }
+  static int64_t value(int64_t t, int64_t d, int64_t block_size, int64_t D) { return block_size * D + t * D + d; }
+};
+struct AmxLayout {
+  static int64_t key(int64_t t, int64_t d, int64_t, int64_t D) {
+    return ((t / 16) * (D / 2) + d / 2) * 32 + (t % 16) * 2 + d % 2;
+  }
+  static int64_t value(int64_t t, int64_t d, int64_t block_size, int64_t D) {
+    return block_size * D + ((d / 16) * (block_size / 2) + t / 2) * 32 + (d % 16) * 2 + t % 2;
+  }
+};
+
+// Packs the run's keys and values from the paged cache (Layout: VecLayout or AmxLayout above) into float32 blocks
+// of 32 keys. With kt16 (bf16 caches on AVX512_BF16 CPUs), the keys go there as bf16 pairs of head dimensions
+// ([D / 2][32][2] per block) instead of into kt.
+template <typename T, typename Layout>
 void pack_keys(const T* cache, const int32_t* block_row, float* kt, uint16_t* kt16, float* v, uint16_t* v16,
                int64_t Hkv, int64_t block_size, int64_t D, int64_t num_keys, int64_t L, int64_t sinks,
                int64_t window_start) {
@@ -421,47 +439,49 @@ void pack_keys(const T* cache, const int32_t* block_row, float* kt, uint16_t* kt
   at::parallel_for(0, Hkv * blocks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t unit = begin; unit < end; ++unit) {
       const int64_t h = unit / blocks, b = unit % blocks;
-      const T* key_col[KB];  // key u of the block: element d at key_col[u][d * block_size]; null = padding
-      const T* value_row[KB];
+      const T* block_base[KB];  // the cache block (this KV head) of key u of the block; null = padding
+      int64_t offset[KB];       // key u's offset in its cache block
       for (int u = 0; u < KB; ++u) {
         const int64_t index = b * KB + u;
         if (index >= num_keys) {
-          key_col[u] = value_row[u] = nullptr;
+          block_base[u] = nullptr;
+          offset[u] = 0;
           continue;
         }
         const int64_t pos = index < sinks ? index : window_start + (index - sinks);
-        const int64_t offset = pos % block_size;
-        const T* base = cache + (int64_t(block_row[pos / block_size]) * Hkv + h) * block_size * 2 * D;
-        key_col[u] = base + offset;
-        value_row[u] = base + block_size * D + offset * D;
+        offset[u] = pos % block_size;
+        block_base[u] = cache + (int64_t(block_row[pos / block_size]) * Hkv + h) * block_size * 2 * D;
       }
       if (kt16 != nullptr) {  // bf16 bits as they are, in pairs: keys [D / 2][32][2], values [16][D][2]
         uint16_t* kt_b = kt16 + (h * blocks + b) * D * KB;
         uint16_t* v_b = v16 + (h * L + b * KB) * D;
         for (int u = 0; u < KB; ++u) {
-          const auto* key = reinterpret_cast<const uint16_t*>(key_col[u]);
-          const auto* value = reinterpret_cast<const uint16_t*>(value_row[u]);
+          const auto* base = reinterpret_cast<const uint16_t*>(block_base[u]);
+          const int64_t t = offset[u];
           for (int64_t d = 0; d < D; ++d) {
-            kt_b[((d / 2) * KB + u) * 2 + d % 2] = key == nullptr ? uint16_t(0) : key[d * block_size];
-            v_b[((u / 2) * D + d) * 2 + u % 2] = value == nullptr ? uint16_t(0) : value[d];
+            kt_b[((d / 2) * KB + u) * 2 + d % 2] = base == nullptr ? uint16_t(0) : base[Layout::key(t, d, block_size, D)];
+            v_b[((u / 2) * D + d) * 2 + u % 2] = base == nullptr ? uint16_t(0) : base[Layout::value(t, d, block_size, D)];
           }
         }
         continue;
       }
       float* kt_b = kt + (h * blocks + b) * D * KB;  // float32: keys [D][32], values [32][D]
       float* v_b = v + (h * L + b * KB) * D;
-      for (int u = 0; u < KB; ++u)
+      for (int u = 0; u < KB; ++u) {
+        const T* base = block_base[u];
+        const int64_t t = offset[u];
         for (int64_t d = 0; d < D; ++d) {
-          kt_b[d * KB + u] = key_col[u] == nullptr ? 0.0f : static_cast<float>(key_col[u][d * block_size]);
-          v_b[u * D + d] = value_row[u] == nullptr ? 0.0f : static_cast<float>(value_row[u][d]);
+          kt_b[d * KB + u] = base == nullptr ? 0.0f : static_cast<float>(base[Layout::key(t, d, block_size, D)]);
+          v_b[u * D + d] = base == nullptr ? 0.0f : static_cast<float>(base[Layout::value(t, d, block_size, D)]);
         }
+      }
     }
   });
 }
 
 template <typename T>
 void run(const at::Tensor& query, const at::Tensor& kv_cache, const at::Tensor& block_row, at::Tensor& out,
-         int64_t sinks, int64_t window, int64_t first_position, double scale) {
+         int64_t sinks, int64_t window, int64_t first_position, double scale, bool amx_layout) {
   const int64_t N = query.size(0), H = query.size(1), D = query.size(2);
   const int64_t Hkv = kv_cache.size(1), block_size = kv_cache.size(2);
   const int64_t num_keys = sinks + window + N - 1, L = (num_keys + KB - 1) / KB * KB;
@@ -474,8 +494,9 @@ void run(const at::Tensor& query, const at::Tensor& kv_cache, const at::Tensor& 
   at::Tensor v16 = at::empty({bf16_dot ? packed : 0}, query.options().dtype(at::kBFloat16));
   uint16_t* kt16_d = bf16_dot ? reinterpret_cast<uint16_t*>(kt16.data_ptr<at::BFloat16>()) : nullptr;
   uint16_t* v16_d = bf16_dot ? reinterpret_cast<uint16_t*>(v16.data_ptr<at::BFloat16>()) : nullptr;
-  pack_keys<T>(kv_cache.data_ptr<T>(), block_row.data_ptr<int32_t>(), kt.data_ptr<float>(), kt16_d,
-               v.data_ptr<float>(), v16_d, Hkv, block_size, D, num_keys, L, sinks, first_position - window + 1);
+  const auto pack = amx_layout ? pack_keys<T, AmxLayout> : pack_keys<T, VecLayout>;
+  pack(kv_cache.data_ptr<T>(), block_row.data_ptr<int32_t>(), kt.data_ptr<float>(), kt16_d, v.data_ptr<float>(),
+       v16_d, Hkv, block_size, D, num_keys, L, sinks, first_position - window + 1);
   const int64_t group = H / Hkv;
   const int64_t tiles = (N + ROWS_PER_TILE - 1) / ROWS_PER_TILE;
   const T* qd = query.data_ptr<T>();
@@ -494,8 +515,10 @@ void run(const at::Tensor& query, const at::Tensor& kv_cache, const at::Tensor& 
 // query/out [N, H, D] (float32, bfloat16 or float16, contiguous), kv_cache [num_blocks, Hkv, block_size, 2 * D]
 // (same dtype), block_row int32 [max_blocks]: the request's block-table row. Rows sit at positions
 // first_position .. first_position + N - 1 >= sinks + window and see the keys [0, sinks) and (i - W, i].
+// amx_layout: the cache was written by vLLM's op with ISA amx (bf16 only), else with vec/vec16 (see VecLayout).
 void sink_window_attention(const at::Tensor& query, const at::Tensor& kv_cache, const at::Tensor& block_row,
-                           at::Tensor& out, int64_t sinks, int64_t window, int64_t first_position, double scale) {
+                           at::Tensor& out, int64_t sinks, int64_t window, int64_t first_position, double scale,
+                           bool amx_layout) {
   const auto dtype = query.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf,
               "sink_window_attention: query must be float32, bfloat16 or float16, got ", dtype);
@@ -517,13 +540,16 @@ void sink_window_attention(const at::Tensor& query, const at::Tensor& kv_cache, 
               "sink_window_attention: needs sinks >= 1, window >= 1 and first_position >= sinks + window");
   TORCH_CHECK((first_position + N - 1) / block_size < block_row.size(0),
               "sink_window_attention: the block-table row does not cover position ", first_position + N - 1);
+  TORCH_CHECK(!amx_layout || (dtype == at::kBFloat16 && block_size % 32 == 0 && D % 32 == 0),
+              "sink_window_attention: the AMX cache layout exists for bfloat16 with block size and head size "
+              "multiples of 32, got ", dtype, ", block_size=", block_size, ", head_size=", D);
   if (N == 0) return;
   switch (dtype) {
-    case at::kFloat: run<float>(query, kv_cache, block_row, out, sinks, window, first_position, scale); break;
+    case at::kFloat: run<float>(query, kv_cache, block_row, out, sinks, window, first_position, scale, amx_layout); break;
     case at::kBFloat16:
-      run<at::BFloat16>(query, kv_cache, block_row, out, sinks, window, first_position, scale);
+      run<at::BFloat16>(query, kv_cache, block_row, out, sinks, window, first_position, scale, amx_layout);
       break;
-    default: run<at::Half>(query, kv_cache, block_row, out, sinks, window, first_position, scale); break;
+    default: run<at::Half>(query, kv_cache, block_row, out, sinks, window, first_position, scale, amx_layout); break;
   }
 }
 
@@ -532,7 +558,7 @@ void sink_window_attention(const at::Tensor& query, const at::Tensor& kv_cache, 
 TORCH_LIBRARY(swaa_cpu, m) {
   m.def(
       "sink_window_attention(Tensor query, Tensor kv_cache, Tensor block_row, Tensor(a!) out, int sinks, int window, "
-      "int first_position, float scale) -> ()");
+      "int first_position, float scale, bool amx_layout=False) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(swaa_cpu, CPU, m) { m.impl("sink_window_attention", &sink_window_attention); }

@@ -161,6 +161,7 @@ def native_sink_window_attention(
     window: int,
     first_position: int,
     scale: float,
+    amx_layout: bool = False,
 ) -> None:
     """Sink-window attention of one run of rows of one request with the native kernel (built on first use).
 
@@ -169,10 +170,13 @@ def native_sink_window_attention(
 
     Args:
         query: ``[N, H, D]`` float32/bfloat16/float16 (copied if not contiguous).
-        kv_cache: ``[num_blocks, Hkv, block_size, 2 * D]`` same dtype, contiguous (``swaa_kernels.cpu``'s layout).
+        kv_cache: ``[num_blocks, Hkv, block_size, 2 * D]`` same dtype, contiguous, in vLLM's CPU layout of ISA
+            ``vec``/``vec16`` (``swaa_kernels.cpu``'s) or, with ``amx_layout``, of ISA ``amx``
+            (:func:`swaa_kernels.cpu.amx_key_value_blocks`; bfloat16, block and head size multiples of 32).
         block_row: int32 ``[max_blocks]``, the request's block-table row.
         out: ``[N, H, D]`` same dtype, written (copied back if not contiguous).
         sinks: k >= 1. window: W >= 1. first_position: >= W + k. scale: softmax scale.
+        amx_layout: the cache holds vLLM's AMX layout.
 
     Raises:
         RuntimeError: from the op, for arguments outside the above (the message names them).
@@ -180,7 +184,7 @@ def native_sink_window_attention(
     load()
     target = out if out.is_contiguous() else torch.empty_like(query, memory_format=torch.contiguous_format)
     torch.ops.swaa_cpu.sink_window_attention(
-        query.contiguous(), kv_cache, block_row.contiguous(), target, sinks, window, first_position, scale
+        query.contiguous(), kv_cache, block_row.contiguous(), target, sinks, window, first_position, scale, amx_layout
     )
     if target is not out:
         out.copy_(target)

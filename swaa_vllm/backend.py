@@ -45,13 +45,13 @@ from vllm.v1.kv_cache_interface import AttentionSpec
 from vllm.v1.kv_cache_layout import KVCacheLayout
 
 from swaa_kernels.cpu import LayerMaskSpec, RowPlan, paged_swaa_attention, plan_rows
-from swaa_kernels.sink_window_native import ENV_VAR, kernel_choice, requested_choice
+from swaa_kernels.sink_window_native import ENV_VAR, kernel_choice, requested_choice, supports
 from swaa_vllm.config import SwaaPlan, plan_from_hf_config
 from swaa_vllm.platforms.cpu_attention_op import (
     SUPPORTED_HEAD_SIZES,
     VllmCpuPagedAttention,
     check_cache_layout,
-    cpu_attention_isa,
+    layer_cache_isa,
 )
 from swaa_vllm.prompt_lengths import RunnerPromptLengths
 from swaa_vllm.vllm_shims import BACKEND_NAME
@@ -75,6 +75,12 @@ def cpu_sink_window_kernel() -> str:
     detail = "C++ kernel, built for this CPU" if choice == "native" else "torch's fused attention per query tile"
     logger.info("swaa: CPU sink-window rows on the %s path (%s; %s=auto|native|torch)", choice, detail, ENV_VAR)
     return choice
+
+
+@functools.cache
+def _log_cache_isa(isa: str, dtype: torch.dtype) -> None:
+    """Log each KV cache ISA of this process once (per layer kind: full layers may use amx, others vec)."""
+    logger.info("swaa: %s KV caches in vLLM's CPU attention layout isa=%s", str(dtype).removeprefix("torch."), isa)
 
 
 class SwaaAttentionBackend(AttentionBackend):
@@ -281,13 +287,24 @@ class SwaaAttentionImpl(AttentionImpl[SwaaMetadata]):
             if any(not spec.is_full and spec.keep_first > 0 for spec in self.plan.layers):
                 self._sink_window_kernel = cpu_sink_window_kernel()  # at model construction: errors stop the start
 
-    def _cpu_op(self, kv_cache: torch.Tensor) -> VllmCpuPagedAttention:
-        """This layer's vLLM CPU attention op (writer and paged attention); the cache layout is checked once."""
+    def _cpu_op(self, kv_cache: torch.Tensor, layer_name: str) -> VllmCpuPagedAttention:
+        """This layer's vLLM CPU attention op (writer and paged attention); ISA and cache layout settled once.
+
+        The ISA is vLLM's own choice, as under ``CPU_ATTN`` (``amx`` for bfloat16 on AMX CPUs), unless this
+        layer's sink-window rows go to the torch path, which reads only ``vec``
+        (:func:`~swaa_vllm.platforms.cpu_attention_op.layer_cache_isa`).
+        """
         if self._paged_attention is None:
             block_size, head_size = kv_cache.shape[2], kv_cache.shape[3] // 2
-            isa = cpu_attention_isa(block_size, head_size)
+            spec = self._spec(layer_name)
+            sink_window_rows = not spec.is_full and spec.keep_first > 0
+            amx_readable = not sink_window_rows or (
+                self._sink_window_kernel == "native" and supports(self.num_heads, self.num_kv_heads, head_size)
+            )
+            isa = layer_cache_isa(kv_cache.dtype, block_size, head_size, amx_readable=amx_readable)
             check_cache_layout(isa, kv_cache.dtype, head_size, block_size)
             self._paged_attention = VllmCpuPagedAttention(isa)
+            _log_cache_isa(isa, kv_cache.dtype)
         return self._paged_attention
 
     def _spec(self, layer_name: str) -> LayerMaskSpec:
@@ -311,7 +328,7 @@ class SwaaAttentionImpl(AttentionImpl[SwaaMetadata]):
 
             write_kv_cache_cuda(key, value, *cuda_kv_views(kv_cache), slot_mapping)
             return
-        self._cpu_op(kv_cache).write(key, value, kv_cache, slot_mapping)
+        self._cpu_op(kv_cache, layer.layer_name).write(key, value, kv_cache, slot_mapping)
 
     def forward(
         self,
@@ -338,7 +355,7 @@ class SwaaAttentionImpl(AttentionImpl[SwaaMetadata]):
             forward_cuda(query[:n].view(shape), *cuda_kv_views(kv_cache), attn_metadata,
                          self._spec(layer.layer_name), self.scale, output[:n].view(shape))
             return output
-        paged_attention = self._cpu_op(kv_cache)
+        paged_attention = self._cpu_op(kv_cache, layer.layer_name)
         spec = self._spec(layer.layer_name)
         paged_swaa_attention(
             query[:n].view(n, self.num_heads, self.head_size),
@@ -353,5 +370,6 @@ class SwaaAttentionImpl(AttentionImpl[SwaaMetadata]):
             plan=attn_metadata.plan_for(spec),
             paged_attention=paged_attention,
             sink_window_kernel=self._sink_window_kernel,
+            cache_layout="amx" if paged_attention.isa == "amx" else "vec",
         )
         return output

@@ -39,12 +39,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import swaa_kernels.cpu as cpu
-from swaa_kernels.cpu import LayerMaskSpec, paged_swaa_attention, plan_rows, write_kv_cache
+from swaa_kernels.cpu import LayerMaskSpec, paged_swaa_attention, plan_rows, write_kv_cache, write_kv_cache_amx
 from swaa_kernels.reference import reference_attention, swaa_mask
 from swaa_vllm.platforms.cpu_attention_op import VllmCpuPagedAttention, cpu_attention_isa, write_kv_cache_op
 
 # Value of never-written cache slots per primitive (see build_batch).
-POISON = {"torch": float("nan"), "vllm": 64.0}
+POISON = {"torch": float("nan"), "vllm": 64.0, "amx": 64.0}
+
+#: vLLM's op with ISA amx runs only where the CPU has AMX tiles (and Linux grants them to the process).
+HAS_AMX = torch.cpu._is_amx_tile_supported() and torch.cpu._init_amx()
 
 TOL = {
     torch.float32: dict(atol=1e-5, rtol=1e-5),
@@ -111,6 +114,7 @@ def build_batch(
     dtype: torch.dtype,
     seed: int,
     poison: float = float("nan"),
+    writer=write_kv_cache,
 ) -> Batch:
     """Random Q/K/V, a random paged layout, and a cache filled through write_kv_cache.
 
@@ -171,7 +175,7 @@ def build_batch(
             return
         # Trailing slot entries beyond num_tokens (vLLM pads slot_mapping): must be ignored.
         slots += [slot(0, 0) if reqs[0].seq_len else -1] * trailing
-        write_kv_cache(torch.stack(keys), torch.stack(values), kv_cache, torch.tensor(slots, dtype=torch.int64))
+        writer(torch.stack(keys), torch.stack(values), kv_cache, torch.tensor(slots, dtype=torch.int64))
 
     def with_padding(rows):
         out = []
@@ -205,9 +209,11 @@ def build_batch(
 
 
 def primitive(name: str, b: Batch, query_tile: int):
-    """The paged attention primitive for causal/windowed rows: plain torch or vLLM's op."""
+    """The paged attention primitive for causal/windowed rows: plain torch or vLLM's op (ISA vec/vec16 or amx)."""
     if name == "torch":
         return lambda q, kv, batch, scale, out: cpu.torch_paged_attention(q, kv, batch, scale, out, query_tile)
+    if name == "amx":
+        return VllmCpuPagedAttention("amx")
     return VllmCpuPagedAttention(cpu_attention_isa(b.kv_cache.shape[2], b.kv_cache.shape[3] // 2))
 
 
@@ -226,6 +232,7 @@ def run_kernel(b: Batch, spec: LayerMaskSpec, scale: float, query_tile: int, out
         paged_attention=primitive(prim, b, query_tile),
         query_tile=query_tile,
         sink_window_kernel=sink_kernel,
+        cache_layout="amx" if prim == "amx" else "vec",
     )
 
 
@@ -298,6 +305,7 @@ def _mixed_batch_case(prim, block_size, ratio, dtype, query_tile, sink_kernel):
         dtype=dtype,
         seed=block_size * 1000 + ratio * 10 + query_tile,
         poison=POISON[prim],
+        writer=write_kv_cache_amx if prim == "amx" else write_kv_cache,
     )
     scale = 0.8 / math.sqrt(head_size)  # not the default scale: the kernel must use the one given
     for spec in SPECS:
@@ -324,6 +332,29 @@ def test_mixed_batch_matches_reference(prim, block_size, ratio, dtype, query_til
 def test_mixed_batch_native_sink_window_matches_reference(prim, block_size, ratio, dtype):
     """The same mixed batch with sink-window rows on the C++ kernel (swaa_kernels.sink_window_native)."""
     _mixed_batch_case(prim, block_size, ratio, dtype, 3, "native")
+
+
+@pytest.mark.skipif(not HAS_AMX, reason="vLLM's amx attention needs a CPU with AMX tiles (none here)")
+@pytest.mark.parametrize("block_size", [32, 128])
+@pytest.mark.parametrize("ratio", [1, 3])
+def test_mixed_batch_amx_cache_matches_reference(block_size, ratio):
+    """bfloat16 on AMX CPUs: the cache in vLLM's AMX layout (written by the torch writer ``write_kv_cache_amx``),
+    causal/windowed rows on vLLM's amx op, sink-window rows on the native kernel reading that layout."""
+    _mixed_batch_case("amx", block_size, ratio, torch.bfloat16, 3, "native")
+
+
+def test_amx_cache_refuses_the_torch_readers():
+    """An amx cache meeting a reader of the vec layout is an error, never a silent wrong result."""
+    b = build_batch(MIXED, num_heads=4, num_kv_heads=2, head_size=64, block_size=32, dtype=torch.bfloat16, seed=1,
+                    poison=64.0, writer=write_kv_cache_amx)
+    spec = LayerMaskSpec(window=8, keep_first=4, fa_decode=True)
+    args = (b.query, b.kv_cache, b.block_table, b.query_start_loc, b.seq_lens, b.prompt_lens, spec, 0.125)
+    with pytest.raises(ValueError, match="torch_paged_attention reads the vec cache layout only"):
+        paged_swaa_attention(*args, cache_layout="amx")
+    with pytest.raises(ValueError, match="sink-window rows of an amx cache need the native kernel"):
+        paged_swaa_attention(*args, paged_attention=VllmCpuPagedAttention("amx"), cache_layout="amx")
+    with pytest.raises(ValueError, match="cache_layout must be one of"):
+        paged_swaa_attention(*args, cache_layout="avx")
 
 
 @pytest.mark.parametrize(("prim", "sink_kernel"), [("torch", "torch"), ("vllm", "torch"), ("vllm", "native")])
@@ -486,6 +517,38 @@ def test_paged_attention_writer_keeps_views_per_cache_tensor():
         paged.write(key, value, got, slots)
         paged.write(key, value, got, slots)  # second write through the kept views: same result
         assert torch.equal(got, expected) and got.abs().sum() > 0
+
+
+@pytest.mark.parametrize("has_amx", [False, True], ids=["no-amx", "amx"])
+def test_layer_cache_isa_takes_vllms_choice_where_the_layer_can_read_it(monkeypatch, has_amx):
+    """Full layers (and sink-window layers on the native kernel) use the ISA vLLM's CPU_ATTN picks, so they cost
+    what they cost there; ``amx`` only for bfloat16 with block size and head size multiples of 32 (the layout
+    ``write_kv_cache_amx`` knows). Fails when vLLM's own ``_get_attn_isa`` changes its rule or signature."""
+    from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+    import swaa_vllm.platforms.cpu_attention_op as op_module
+
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: has_amx)
+    monkeypatch.setattr(torch.cpu, "_init_amx", lambda: True)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for block_size, head_size in ((128, 64), (16, 64), (32, 80), (64, 128), (48, 64)):
+            theirs = _get_attn_isa(dtype, block_size, head_size)
+            amx = has_amx and dtype == torch.bfloat16 and block_size % 32 == 0 and head_size % 32 == 0
+            assert theirs == ("amx" if amx else cpu_attention_isa(block_size, head_size))
+            assert op_module.vllm_attention_isa(dtype, block_size, head_size) == theirs
+            assert op_module.layer_cache_isa(dtype, block_size, head_size, amx_readable=True) == theirs
+            assert op_module.layer_cache_isa(dtype, block_size, head_size, amx_readable=False) == cpu_attention_isa(
+                block_size, head_size)
+
+
+def test_layer_cache_isa_falls_back_when_linux_refuses_amx_tiles(monkeypatch):
+    """``torch.cpu._init_amx`` (the arch_prctl permission request) failing means vLLM's amx op would die with
+    SIGILL: the layer keeps vec."""
+    import swaa_vllm.platforms.cpu_attention_op as op_module
+
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    monkeypatch.setattr(torch.cpu, "_init_amx", lambda: False)
+    assert op_module.layer_cache_isa(torch.bfloat16, 128, 64, amx_readable=True) == "vec"
 
 
 def test_cpu_attention_isa_refuses_sizes_the_op_cannot_serve():

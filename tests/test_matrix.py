@@ -72,6 +72,7 @@ class Case:
     num_layers: int = 4
     token_budget: int = 40
     engine_extra: dict = field(default_factory=dict)
+    block_size: int = 16  # the same KV memory (token slots) at any block size: see _kv_cache_bytes
     runners: tuple[str, ...] = RUNNERS  # vLLM model runners this case runs under in make test (sweep: all)
     expect_accepted_drafts: bool = True  # with speculative_config: some drafts must be accepted
 
@@ -109,6 +110,11 @@ CASES = [
          {"sliding_window_size": 10, "keep_first": 0, "force_fa_decode": True},
          dtype="bfloat16", num_heads=6, num_kv_heads=2, head_dim=64, runners=("v1",)),
     Case("qwen3-r2-no-swaa-config", "qwen3", None, num_heads=4, num_kv_heads=2, head_dim=64, runners=("v1",)),
+    # bfloat16 at block size 32 with sinks: on AMX CPUs vLLM's op and the swaa caches use ISA amx (its packed
+    # layout, read by the native sink-window kernel), elsewhere vec; either way against the same reference.
+    Case("llama-r3-bf16-b32-sinks-amx", "llama",
+         {"sliding_window_size": 10, "keep_first": 3, "force_fa_decode": True, "non_sliding_layers": [1]},
+         dtype="bfloat16", num_heads=6, num_kv_heads=2, head_dim=64, block_size=32, runners=("v1",)),
 ]
 SWEEP_CASES = [
     Case("smollm2-swa-only-W8", "bundled", {"sliding_window_size": 8}),
@@ -186,7 +192,7 @@ def _run_engine(case: Case, model_dir: Path, waves: dict) -> tuple[dict, dict, d
     from tests.engine import greedy, llm_engine
 
     kwargs = dict(
-        attention_backend="swaa", dtype=case.dtype, max_model_len=MAX_MODEL_LEN, block_size=BLOCK,
+        attention_backend="swaa", dtype=case.dtype, max_model_len=MAX_MODEL_LEN, block_size=case.block_size,
         max_num_batched_tokens=case.token_budget, max_num_seqs=8,
         kv_cache_memory_bytes=_kv_cache_bytes(case, model_dir), disable_log_stats=False, enable_prefix_caching=True,
         skip_tokenizer_init=case.model != "bundled", **case.engine_extra,

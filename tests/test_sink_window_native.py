@@ -29,7 +29,13 @@ from hypothesis import strategies as st
 
 import swaa_kernels.cpu as cpu
 from swaa_kernels import sink_window_native
-from swaa_kernels.cpu import LayerMaskSpec, paged_swaa_attention, write_kv_cache
+from swaa_kernels.cpu import (
+    LayerMaskSpec,
+    amx_key_value_blocks,
+    paged_swaa_attention,
+    write_kv_cache,
+    write_kv_cache_amx,
+)
 from swaa_kernels.reference import reference_attention, swaa_mask
 
 TOL = {
@@ -88,6 +94,68 @@ def test_native_kernel_matches_reference(num_heads, num_kv_heads, head_size, blo
     assert got.dtype == dtype
     assert torch.isfinite(got).all(), "read a never-written (NaN) cache slot or left a row unwritten"
     torch.testing.assert_close(got.double(), expected(q, k, v, first, end, window, sinks, scale), **TOL[dtype])
+
+
+def _vllm_amx_writer(key, value, kv_cache, slots):
+    """vLLM's own ``cpu_attn_reshape_and_cache`` with ISA amx (a plain reshape: runs on any CPU)."""
+    from swaa_vllm.platforms.cpu_attention_op import write_kv_cache_op
+
+    write_kv_cache_op(key, value, kv_cache, slots, "amx")
+
+
+@pytest.mark.parametrize(("block_size", "head_size"), [(32, 32), (32, 64), (128, 64), (64, 128), (32, 256)])
+def test_amx_writer_matches_vllm_bit_for_bit(block_size, head_size):
+    """``write_kv_cache_amx`` == vLLM's writer with ISA amx, and ``amx_key_value_blocks`` reads back what was
+    written: pins vLLM's private AMX layout (fails when a vLLM upgrade changes it)."""
+    gen = torch.Generator().manual_seed(block_size + head_size)
+    n, hkv, nb = 2 * block_size + 5, 3, 4
+    key = torch.randn(n, hkv, head_size, generator=gen).bfloat16()
+    value = torch.randn(n, hkv, head_size, generator=gen).bfloat16()
+    slots = torch.randperm(nb * block_size, generator=gen)[:n]
+    slots[3] = -1  # a padding token
+    ours, theirs = torch.zeros(2, nb, hkv, block_size, 2 * head_size, dtype=torch.bfloat16)
+    write_kv_cache_amx(key, value, ours, slots)
+    _vllm_amx_writer(key, value, theirs, slots)
+    assert torch.equal(ours, theirs) and ours.abs().sum() > 0
+    keys, values = amx_key_value_blocks(ours)
+    valid = slots >= 0
+    blocks, offsets = slots[valid] // block_size, slots[valid] % block_size
+    assert torch.equal(keys[blocks, :, offsets], key[valid]) and torch.equal(values[blocks, :, offsets], value[valid])
+
+
+def test_amx_layout_refuses_caches_it_does_not_exist_for():
+    with pytest.raises(ValueError, match="bfloat16 caches with block and head sizes that are multiples of 32"):
+        amx_key_value_blocks(torch.zeros(2, 1, 16, 128, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="got torch.float32"):
+        write_kv_cache_amx(torch.zeros(1, 1, 64), torch.zeros(1, 1, 64), torch.zeros(2, 1, 32, 128), torch.zeros(1))
+
+
+@pytest.mark.parametrize(
+    ("num_heads", "num_kv_heads", "head_size", "block_size", "window", "sinks", "rows"),
+    [
+        (9, 3, 64, 128, 100, 64, 70),  # the bundled model's heads
+        (16, 1, 128, 32, 33, 31, 17),  # GQA group 16; window and sinks not multiples of 16
+        (4, 4, 256, 64, 7, 1, 40),
+        (8, 2, 32, 32, 64, 32, 1),  # one row (a decode row without FA decode)
+    ],
+)
+def test_native_kernel_reads_the_amx_layout(num_heads, num_kv_heads, head_size, block_size, window, sinks, rows):
+    """bfloat16 caches written by vLLM's amx writer: the kernel matches the reference, and gives bit for bit what
+    it gives on the same keys in the vec layout (only the packing differs)."""
+    first = window + sinks + 5
+    end = first + rows
+    q, k, v, vec_cache, block_row = paged_case(end, num_heads, num_kv_heads, head_size, block_size, torch.bfloat16,
+                                               seed=rows)
+    amx_cache = torch.full_like(vec_cache, float("nan"))
+    _vllm_amx_writer(k, v, amx_cache, _slots(block_row, end, block_size))
+    scale = 0.7 / head_size**0.5
+    got = torch.full_like(q[first:end], float("nan"))
+    sink_window_native.native_sink_window_attention(q[first:end], amx_cache, block_row, got, sinks, window, first,
+                                                    scale, amx_layout=True)
+    assert torch.isfinite(got).all(), "read a never-written (NaN) cache slot or left a row unwritten"
+    torch.testing.assert_close(got.double(), expected(q, k, v, first, end, window, sinks, scale),
+                               **TOL[torch.bfloat16])
+    assert torch.equal(got, run_native(q, vec_cache, block_row, first, end, window, sinks, scale))
 
 
 @settings(max_examples=40, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
@@ -173,6 +241,7 @@ def test_unsupported_head_layout_takes_the_torch_path(monkeypatch):
         (dict(block_row_len=1), "does not cover position"),
         (dict(query_dtype=torch.float64), "float32, bfloat16 or float16"),
         (dict(cache_dtype=torch.bfloat16), "share a dtype"),
+        (dict(amx_layout=True), "AMX cache layout exists for bfloat16"),
     ],
 )
 def test_op_refuses_bad_arguments(change, message):
@@ -182,7 +251,8 @@ def test_op_refuses_bad_arguments(change, message):
     cache = kv_cache.to(change.get("cache_dtype", torch.float32))
     row = block_row[: change.get("block_row_len", block_row.shape[0])]
     with pytest.raises(RuntimeError, match=message):
-        torch.ops.swaa_cpu.sink_window_attention(query, cache, row, torch.empty_like(query), 20, 30, first, 0.1)
+        torch.ops.swaa_cpu.sink_window_attention(query, cache, row, torch.empty_like(query), 20, 30, first, 0.1,
+                                                 change.get("amx_layout", False))
 
 
 def test_paged_swaa_attention_refuses_an_unknown_kernel_name():

