@@ -19,7 +19,12 @@ prefill the FLOP rates: ``4 * heads * head_size`` per query-key pair the mask le
 (:func:`swaa_vllm.evaluation.costs.visible_pairs`) per second, for vLLM's op (causal) and for
 the swaa sliding layer (its sink-window rows, plus the early rows that go to the op), and their
 ratio ``sliding rate / op rate`` (issue 16's target: >= 0.9). dtype: bfloat16 on CPUs with
-native bf16, float32 elsewhere (``--dtype``). Run:
+native bf16, float32 elsewhere (``--dtype``).
+
+Those columns use the cache layout every reader knows (ISA ``vec``). Where ``CPU_ATTN`` picks
+another ISA for this dtype (``amx``: bfloat16 on CPUs with AMX tiles), the last columns repeat
+the op and the native sliding layer on a cache in that layout, as the backend runs them there
+(``swaa_vllm.platforms.cpu_attention_op.layer_cache_isa``). Run:
 ``.venv/bin/python benchmarks/attention_micro.py [--lengths 2048 8192] [--window 1024 --keep-first 64]``.
 """
 
@@ -33,9 +38,16 @@ import torch
 import torch.nn.functional as F
 
 from swaa_kernels import sink_window_native
-from swaa_kernels.cpu import LayerMaskSpec, paged_swaa_attention, torch_paged_attention, write_kv_cache
+from swaa_kernels.cpu import (
+    LayerMaskSpec,
+    paged_swaa_attention,
+    plan_rows,
+    torch_paged_attention,
+    write_kv_cache,
+    write_kv_cache_amx,
+)
 from swaa_vllm.evaluation.costs import visible_pairs
-from swaa_vllm.platforms.cpu_attention_op import VllmCpuPagedAttention, cpu_attention_isa
+from swaa_vllm.platforms.cpu_attention_op import VllmCpuPagedAttention, cpu_attention_isa, layer_cache_isa
 from swaa_vllm.platforms.cpu_features import benchmark_dtype, cpu_model, describe
 
 HEADS, KV_HEADS, HEAD_SIZE, BLOCK = 9, 3, 64, 128
@@ -74,6 +86,9 @@ def main() -> None:
     dtype = getattr(torch, args.dtype)
     scale = HEAD_SIZE**-0.5
     vllm_op = VllmCpuPagedAttention(cpu_attention_isa(BLOCK, HEAD_SIZE))
+    # The ISA CPU_ATTN runs for this dtype; the swaa backend takes it too where the native kernel serves its rows.
+    native_isa = layer_cache_isa(dtype, BLOCK, HEAD_SIZE, amx_readable=True)
+    isa_op = VllmCpuPagedAttention(native_isa)
     sliding = LayerMaskSpec(args.window, args.keep_first, True)
     full = LayerMaskSpec(None)
     try:
@@ -83,12 +98,14 @@ def main() -> None:
         print(f"native sink-window kernel unavailable: {exc}")
         native = False
     print(f"{cpu_model()}, {describe()}; threads={torch.get_num_threads()} dtype={args.dtype} W={args.window} "
-          f"k={args.keep_first} repeats={args.repeats} (medians)")
+          f"k={args.keep_first} repeats={args.repeats} (medians); CPU_ATTN's ISA for {args.dtype}: {native_isa}")
     print("| phase | tokens | sdpa causal (ms) | vLLM op (ms) | swaa full layer (ms) | swaa sliding, native (ms) "
           "| swaa sliding, torch sink-window (ms) | torch-only swaa sliding (ms) | sdpa/swaa full "
           "| sdpa/swaa sliding native | op GFLOP/s | sliding native GFLOP/s | sliding torch GFLOP/s "
-          "| sliding rate / op rate: native | torch |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| sliding rate / op rate: native | torch "
+          f"| op, isa {native_isa} (ms) | sliding native, isa {native_isa} (ms) "
+          f"| sliding rate / op rate, isa {native_isa} |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for n in args.lengths:
         q = torch.randn(n, HEADS, HEAD_SIZE, dtype=dtype)
         k = torch.randn(n, KV_HEADS, HEAD_SIZE, dtype=dtype)
@@ -96,6 +113,10 @@ def main() -> None:
         blocks = -(-n // BLOCK)
         kv_cache = torch.zeros(blocks, KV_HEADS, BLOCK, 2 * HEAD_SIZE, dtype=dtype)
         write_kv_cache(k, v, kv_cache, torch.arange(n))
+        isa_cache = kv_cache
+        if native_isa == "amx":
+            isa_cache = torch.zeros_like(kv_cache)
+            write_kv_cache_amx(k, v, isa_cache, torch.arange(n))
         table = torch.arange(blocks, dtype=torch.int32)[None]
         seq = torch.tensor([n], dtype=torch.int32)
         for phase, q_len in (("prefill", n), ("decode", 1)):
@@ -106,9 +127,10 @@ def main() -> None:
 
             # Each closure is timed within its iteration; the defaults bind this iteration's tensors.
             def swaa(spec, prim=vllm_op, kernel="torch", query=query, qsl=qsl, prompt=prompt, kv_cache=kv_cache,
-                     table=table, seq=seq):
+                     table=table, seq=seq, layout="vec"):
                 return lambda: paged_swaa_attention(query, kv_cache, table, qsl, seq, prompt, spec, scale,
-                                                    paged_attention=prim, sink_window_kernel=kernel)
+                                                    paged_attention=prim, sink_window_kernel=kernel,
+                                                    cache_layout=layout)
 
             def sdpa(query=query, q_len=q_len, k=k, v=v):
                 # Prefill: causal over n; decode: one query over all n keys (no mask needed).
@@ -116,19 +138,25 @@ def main() -> None:
                                                v.transpose(0, 1)[None], is_causal=q_len > 1, scale=scale,
                                                enable_gqa=True)
 
-            def op(query=query, qsl=qsl, kv_cache=kv_cache, table=table, seq=seq):
-                from swaa_kernels.cpu import plan_rows
-
+            def op(query=query, qsl=qsl, kv_cache=kv_cache, table=table, seq=seq, prim=vllm_op):
                 batch = plan_rows(qsl, seq, seq, table, full).causal
-                vllm_op(query, kv_cache, batch, scale, torch.empty_like(query))
+                prim(query, kv_cache, batch, scale, torch.empty_like(query))
 
             fns = {"sdpa": sdpa, "op": op, "full": swaa(full), "slide_torch": swaa(sliding),
                    "torch_only": swaa(sliding, torch_paged_attention)}
             if native:
                 fns["slide_native"] = swaa(sliding, kernel="native")
+            if native_isa != "vec":
+                fns["op_isa"] = lambda op=op, isa_cache=isa_cache: op(kv_cache=isa_cache, prim=isa_op)
+                if native:
+                    fns["slide_native_isa"] = swaa(sliding, isa_op, "native", kv_cache=isa_cache,
+                                                   layout=native_isa)
             t = _time_interleaved(fns, reps)
+            t.setdefault("op_isa", t["op"])
+            t.setdefault("slide_native_isa", t.get("slide_native", float("nan")))
             t_native = t.get("slide_native", float("nan"))
             rates = "| | | | |"
+            isa_rate = ""
             if phase == "prefill":
                 per_pair = 4.0 * HEADS * HEAD_SIZE
                 op_rate = per_pair * visible_pairs(n, None) / t["op"] / 1e9
@@ -136,9 +164,12 @@ def main() -> None:
                 native_rate, torch_rate = pairs / t_native / 1e9, pairs / t["slide_torch"] / 1e9
                 rates = (f"{op_rate:.1f} | {native_rate:.1f} | {torch_rate:.1f} | {native_rate / op_rate:.2f} "
                          f"| {torch_rate / op_rate:.2f} |")
+                isa_op_rate = per_pair * visible_pairs(n, None) / t["op_isa"] / 1e9
+                isa_rate = f"{pairs / t['slide_native_isa'] / 1e9 / isa_op_rate:.2f}"
             print(f"| {phase} | {n} | {t['sdpa'] * 1e3:.2f} | {t['op'] * 1e3:.2f} | {t['full'] * 1e3:.2f} "
                   f"| {t_native * 1e3:.2f} | {t['slide_torch'] * 1e3:.2f} | {t['torch_only'] * 1e3:.2f} "
-                  f"| {t['sdpa'] / t['full']:.2f} | {t['sdpa'] / t_native:.2f} | {rates}", flush=True)
+                  f"| {t['sdpa'] / t['full']:.2f} | {t['sdpa'] / t_native:.2f} | {rates} {t['op_isa'] * 1e3:.2f} "
+                  f"| {t['slide_native_isa'] * 1e3:.2f} | {isa_rate} |", flush=True)
 
 
 if __name__ == "__main__":

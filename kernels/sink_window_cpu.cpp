@@ -33,6 +33,10 @@
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
+#if defined(__AMX_TILE__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 namespace {
 
@@ -225,8 +229,119 @@ void pv_dispatch_bf16(int p, float* const* acc, const float* alpha, const uint32
 inline void store_bf16_pairs(uint32_t* dst, const __m512 e0, const __m512 e1) {
   _mm512_storeu_si512(dst, (__m512i)_mm512_cvtne2ps_pbh(e1, e0));  // lanes 0-15 from e0, 16-31 from e1
 }
+
+#if defined(__AMX_BF16__) && defined(__AMX_TILE__)
+// AMX (Intel Sapphire Rapids and later): TDPBF16PS multiplies a 16 x 32 bf16 tile by a 32 x 16 bf16 tile (stored
+// as 16 rows of 16 column pairs, the "VNNI" order) into a 16 x 16 float32 tile; the same exact products and float32
+// sums as VDPBF16PS, at 16x the work per instruction. Tiles here are always 16 rows x 64 bytes (unused rows of the
+// query and probability tiles are padding whose results are dropped). Eight tile registers: 0-3 accumulate, 4 holds
+// the A operand (queries or probabilities), 5-7 the B operand (keys or values).
+constexpr bool AMX_BUILD = true;
+
+// Linux hands AMX tile state to a process only on request (arch_prctl ARCH_REQ_XCOMP_PERM for XTILEDATA); without it
+// the first tile instruction raises SIGILL. Asked once per process; false (not permitted) keeps the VDPBF16PS path.
+bool amx_permitted() {
+  static const bool ok = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */) == 0;
+  return ok;
+}
+
+struct alignas(64) TileConfig {
+  uint8_t palette_id = 1;
+  uint8_t start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// Tile configuration is per thread; each work unit sets it (tiles 0-7: 16 rows x 64 bytes) and releases it.
+inline void amx_configure() {
+  TileConfig cfg;
+  for (int t = 0; t < 8; ++t) {
+    cfg.rows[t] = 16;
+    cfg.colsb[t] = 64;
+  }
+  _tile_loadconfig(&cfg);
+}
+
+// s[0:16][0:cnt] = q16[0:16] . k_u for the cnt keys (a multiple of 32, <= SB) of consecutive packed blocks kt
+// ([D / 2][32][2] bf16 each); q16: 16 rows of D bf16 (D a multiple of 32).
+inline void qk_amx(const uint16_t* q16, const uint16_t* kt, int D, int cnt, float (*s)[SB]) {
+  const int64_t b_stride = KB * 2 * sizeof(uint16_t);  // bytes between rows (dimension pairs) of a B tile
+  for (int c0 = 0; c0 < cnt; c0 += 2 * KB) {  // two packed blocks (four 16-key tiles) at a time
+    const bool two = c0 + KB < cnt;
+    const uint16_t* k0 = kt + int64_t(c0) * D;
+    const uint16_t* k1 = k0 + int64_t(KB) * D;
+    _tile_zero(0);
+    _tile_zero(1);
+    if (two) {
+      _tile_zero(2);
+      _tile_zero(3);
+    }
+    for (int d0 = 0; d0 < D; d0 += 32) {
+      _tile_loadd(4, q16 + d0, D * sizeof(uint16_t));
+      const int64_t row = int64_t(d0 / 2) * KB * 2;  // first dimension pair of this step, in a packed block
+      _tile_loadd(5, k0 + row, b_stride);
+      _tile_loadd(6, k0 + row + 32, b_stride);
+      _tile_dpbf16ps(0, 4, 5);
+      _tile_dpbf16ps(1, 4, 6);
+      if (two) {
+        _tile_loadd(7, k1 + row, b_stride);
+        _tile_loadd(5, k1 + row + 32, b_stride);
+        _tile_dpbf16ps(2, 4, 7);
+        _tile_dpbf16ps(3, 4, 5);
+      }
+    }
+    _tile_stored(0, &s[0][c0], SB * sizeof(float));
+    _tile_stored(1, &s[0][c0 + 16], SB * sizeof(float));
+    if (two) {
+      _tile_stored(2, &s[0][c0 + 32], SB * sizeof(float));
+      _tile_stored(3, &s[0][c0 + 48], SB * sizeof(float));
+    }
+  }
+}
+
+// pv[0:16][0:D] = P[0:16][0:cnt] . V[0:cnt][0:D]: prob16 rows hold the probabilities as bf16 in key order, v16 the
+// values as [cnt / 2 key pairs][D][2] bf16 (consecutive packed blocks); cnt a multiple of 32, D of 32.
+inline void pv_amx(const uint32_t (*prob16)[SB / 2], const uint16_t* v16, int D, int cnt, float* pv) {
+  const int64_t b_stride = int64_t(D) * 2 * sizeof(uint16_t);  // bytes between key pairs of a B tile
+  for (int dc = 0; dc < D; dc += 64) {  // up to four 16-dimension output tiles at a time
+    const bool four = dc + 32 < D;
+    _tile_zero(0);
+    _tile_zero(1);
+    if (four) {
+      _tile_zero(2);
+      _tile_zero(3);
+    }
+    for (int k0 = 0; k0 < cnt; k0 += 32) {
+      _tile_loadd(4, &prob16[0][k0 / 2], (SB / 2) * sizeof(uint32_t));
+      const uint16_t* v = v16 + (int64_t(k0 / 2) * D + dc) * 2;
+      _tile_loadd(5, v, b_stride);
+      _tile_loadd(6, v + 32, b_stride);
+      _tile_dpbf16ps(0, 4, 5);
+      _tile_dpbf16ps(1, 4, 6);
+      if (four) {
+        _tile_loadd(7, v + 64, b_stride);
+        _tile_loadd(5, v + 96, b_stride);
+        _tile_dpbf16ps(2, 4, 7);
+        _tile_dpbf16ps(3, 4, 5);
+      }
+    }
+    _tile_stored(0, pv + dc, D * sizeof(float));
+    _tile_stored(1, pv + dc + 16, D * sizeof(float));
+    if (four) {
+      _tile_stored(2, pv + dc + 32, D * sizeof(float));
+      _tile_stored(3, pv + dc + 48, D * sizeof(float));
+    }
+  }
+}
+#else
+constexpr bool AMX_BUILD = false;
+bool amx_permitted() { return false; }
+#endif
 #else
 constexpr bool BF16_DOT = false;
+constexpr bool AMX_BUILD = false;
+bool amx_permitted() { return false; }
 #endif
 
 // acc[p][dc : dc + 16 * NV] = alpha[p] * acc[p][...] + sum_u prob[p][u] * v[u][...] for P pairs.
@@ -279,10 +394,12 @@ void pv_dispatch(int p, float* const* acc, const float* alpha, const float (*pro
 
 // One work unit: KV head `hk`, rows [r0, r1), all `group` query heads of hk. The queries come from `query`
 // (any of float/BFloat16/Half; scaled and widened here), the result goes to `out` in the same type.
-template <typename T>
+// CH: pairs per step of the pair loop (MR; 16 with AMX, whose tiles hold 16 rows). amx: QK^T and PV on AMX tiles
+// (bf16 with kt16/v16, D a multiple of 32, AMX_BUILD and amx_permitted()).
+template <typename T, int CH>
 void attend_unit(const T* query, const float* kt, const uint16_t* kt16, const float* v, const uint16_t* v16, T* out,
                  int64_t H, int64_t D, int64_t L, int64_t group, int64_t hk, int64_t r0, int64_t r1, int64_t sinks,
-                 int64_t window, float scale) {
+                 int64_t window, float scale, [[maybe_unused]] bool amx) {
   // kt16/v16 (bf16 keys and values for the VDPBF16PS micro-kernels) are set for BFloat16 on CPUs with AVX512_BF16;
   // then the queries stay bf16 and the scores are scaled, otherwise the queries are widened and pre-scaled.
   const bool bf16_dot = kt16 != nullptr;
@@ -311,10 +428,19 @@ void attend_unit(const T* query, const float* kt, const uint16_t* kt16, const fl
   const uint16_t* kt16_h = bf16_dot ? kt16 + hk * D * L : nullptr;
   const uint16_t* v16_h = bf16_dot ? v16 + hk * L * D : nullptr;
   const float* v_h = v + hk * L * D;
-  alignas(64) float s[MR][SB];
-  alignas(64) float prob[MR][SB];
-  alignas(64) uint32_t prob16[MR][SB / 2];
-  float alpha[MR];
+  alignas(64) float s[CH][SB];
+  alignas(64) float prob[CH][SB];
+  alignas(64) uint32_t prob16[CH][SB / 2];
+  float alpha[CH];
+#if defined(__AMX_BF16__) && defined(__AMX_TILE__)
+  // AMX: the queries as 16-row tiles (pairs padded to a multiple of 16 with zeros) and a PV result tile.
+  std::vector<uint16_t> q16(amx ? static_cast<size_t>((pairs + 15) / 16 * 16 * D) : 0, uint16_t(0));
+  std::vector<float> pv(amx ? static_cast<size_t>(16 * D) : 0);
+  if (amx) {
+    for (int64_t p = 0; p < pairs; ++p) std::copy_n(reinterpret_cast<const uint16_t*>(qp16[p]), D, &q16[p * D]);
+    amx_configure();
+  }
+#endif
   auto columns = [](float (*rows)[SB], int c) { return reinterpret_cast<float(*)[SB]>(&rows[0][c * KB]); };
 
   // Two key segments: the sinks [0, k) and the union of the tile's windows [k + r0, k + r1 - 1 + W). A step takes
@@ -325,9 +451,12 @@ void attend_unit(const T* query, const float* kt, const uint16_t* kt16, const fl
     for (int64_t j0 = seg_lo[seg] / KB * KB; j0 < seg_hi[seg]; j0 += SB) {
       const int sub = int(std::min<int64_t>(SB, seg_hi[seg] - j0) + KB - 1) / KB;  // packed blocks in this step
       const int cnt = sub * KB;
-      for (int64_t p0 = 0; p0 < pairs; p0 += MR) {
-        const int m = int(std::min<int64_t>(MR, pairs - p0));
-        for (int c = 0; c < sub; ++c) {
+      for (int64_t p0 = 0; p0 < pairs; p0 += CH) {
+        const int m = int(std::min<int64_t>(CH, pairs - p0));
+#if defined(__AMX_BF16__) && defined(__AMX_TILE__)
+        if (amx) qk_amx(&q16[p0 * D], kt16_h + j0 * D, int(D), cnt, s);
+#endif
+        for (int c = 0; c < sub && !(AMX_BUILD && amx); ++c) {
 #if defined(__AVX512BF16__)
           if (bf16_dot)
             qk_dispatch_bf16(m, qp16.data() + p0, kt16_h + (j0 + c * KB) * D, int(D), columns(s, c));
@@ -389,6 +518,17 @@ void attend_unit(const T* query, const float* kt, const uint16_t* kt16, const fl
           float* l = row_sum.data() + p * 16;
           fmadd(Vec::load(l), Vec::set1(alpha[i]), sum).store(l);
         }
+#if defined(__AMX_BF16__) && defined(__AMX_TILE__)
+        if (amx) {
+          pv_amx(prob16, v16_h + j0 * D, int(D), cnt, pv.data());
+          for (int i = 0; i < m; ++i) {
+            float* a = accp[p0 + i];
+            const Vec al = Vec::set1(alpha[i]);
+            for (int64_t d = 0; d < D; d += 16) fmadd(Vec::load(a + d), al, Vec::load(&pv[i * D + d])).store(a + d);
+          }
+          continue;
+        }
+#endif
         for (int i = 0; i < m; i += PR) {
           const int np = std::min(PR, m - i);
 #if defined(__AVX512BF16__)
@@ -401,6 +541,9 @@ void attend_unit(const T* query, const float* kt, const uint16_t* kt16, const fl
       }
     }
   }
+#if defined(__AMX_BF16__) && defined(__AMX_TILE__)
+  if (amx) _tile_release();
+#endif
   for (int64_t p = 0; p < pairs; ++p) {
     const int64_t r = r0 + p / group, h = hk * group + p % group;
     T* o = out + (r * H + h) * D;
@@ -499,6 +642,7 @@ void run(const at::Tensor& query, const at::Tensor& kv_cache, const at::Tensor& 
        v16_d, Hkv, block_size, D, num_keys, L, sinks, first_position - window + 1);
   const int64_t group = H / Hkv;
   const int64_t tiles = (N + ROWS_PER_TILE - 1) / ROWS_PER_TILE;
+  const bool amx = AMX_BUILD && bf16_dot && D % 32 == 0 && amx_permitted();
   const T* qd = query.data_ptr<T>();
   const float* ktd = kt.data_ptr<float>();
   const float* vd = v.data_ptr<float>();
@@ -507,7 +651,12 @@ void run(const at::Tensor& query, const at::Tensor& kv_cache, const at::Tensor& 
     for (int64_t unit = begin; unit < end; ++unit) {
       const int64_t hk = unit % Hkv, tile = unit / Hkv;
       const int64_t r0 = tile * ROWS_PER_TILE, r1 = std::min(N, r0 + ROWS_PER_TILE);
-      attend_unit<T>(qd, ktd, kt16_d, vd, v16_d, od, H, D, L, group, hk, r0, r1, sinks, window, float(scale));
+      if (amx)
+        attend_unit<T, 16>(qd, ktd, kt16_d, vd, v16_d, od, H, D, L, group, hk, r0, r1, sinks, window, float(scale),
+                           true);
+      else
+        attend_unit<T, MR>(qd, ktd, kt16_d, vd, v16_d, od, H, D, L, group, hk, r0, r1, sinks, window, float(scale),
+                           false);
     }
   });
 }
