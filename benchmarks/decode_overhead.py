@@ -35,7 +35,7 @@ from vllm.config import ModelConfig, VllmConfig, set_current_vllm_config
 from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackendImpl, CPUAttentionMetadata
 
 from swaa_vllm.backend import SwaaAttentionImpl, SwaaMetadata
-from swaa_vllm.platforms.cpu_attention_op import cpu_attention_isa
+from swaa_vllm.platforms.cpu_attention_op import vllm_attention_isa
 from swaa_vllm.platforms.cpu_features import benchmark_dtype, cpu_model, describe
 
 HEADS, KV_HEADS, HEAD_SIZE, BLOCK = 9, 3, 64, 128
@@ -54,7 +54,9 @@ def step_times(context: int, layers: int, steps: int, dtype: torch.dtype, rows: 
     Raises:
         RuntimeError: if the two backends' outputs of the last layer differ (they run the same op).
     """
-    isa = cpu_attention_isa(BLOCK, HEAD_SIZE)
+    isa = vllm_attention_isa(dtype, BLOCK, HEAD_SIZE)  # CPU_ATTN's; the swaa impl takes it too (full layers)
+    if isa == "amx":
+        torch.cpu._init_amx()  # vLLM's op does not ask Linux for AMX tiles (SIGILL without)
     scale = HEAD_SIZE**-0.5
     gen = torch.Generator().manual_seed(0)
     num_blocks = context // BLOCK + 1
