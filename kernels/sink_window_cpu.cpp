@@ -66,17 +66,24 @@ struct Vec {
   float hmax() const { return _mm512_reduce_max_ps(v); }
   float hsum() const { return _mm512_reduce_add_ps(v); }
   // e^x for x <= 0 (scores minus their running max): Cody-Waite reduction x = n ln2 + r, |r| <= ln2 / 2,
-  // degree-6 Taylor polynomial of e^r (relative error < 2e-7 on the interval), times 2^n by scalef.
-  // Arguments below -87 (and -inf) give exactly 0.
+  // Taylor polynomial of e^r of degree 6 (relative error < 2e-7 on the interval) or, with Short, degree 4
+  // (< 5e-5: for probabilities that are rounded to bf16 next, whose rounding step is 4e-3), times 2^n by
+  // scalef. Arguments below -87 (and -inf) give exactly 0.
+  template <bool Short = false>
   Vec exp() const {
     const __m512 x = _mm512_max_ps(v, _mm512_set1_ps(-87.0f));
     const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
                                           _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
     r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 p = _mm512_set1_ps(1.0f / 720);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+    __m512 p;
+    if constexpr (Short) {
+      p = _mm512_set1_ps(1.0f / 24);
+    } else {
+      p = _mm512_set1_ps(1.0f / 720);
+      p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+      p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+    }
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
@@ -100,6 +107,7 @@ struct Vec {  // portable fallback: same algorithm, scalar loops the compiler ma
   Vec keep_or(uint32_t keep, float x) const { Vec r; for (int i = 0; i < 16; ++i) r.a[i] = (keep >> i) & 1u ? a[i] : x; return r; }
   float hmax() const { float m = a[0]; for (int i = 1; i < 16; ++i) m = std::max(m, a[i]); return m; }
   float hsum() const { float s = 0.0f; for (int i = 0; i < 16; ++i) s += a[i]; return s; }
+  template <bool Short = false>
   Vec exp() const { Vec r; for (int i = 0; i < 16; ++i) r.a[i] = a[i] > -87.0f ? std::exp(a[i]) : 0.0f; return r; }
 };
 #endif
@@ -300,17 +308,18 @@ inline void qk_amx(const uint16_t* q16, const uint16_t* kt, int D, int cnt, floa
   }
 }
 
-// pv[0:16][0:D] = P[0:16][0:cnt] . V[0:cnt][0:D]: prob16 rows hold the probabilities as bf16 in key order, v16 the
-// values as [cnt / 2 key pairs][D][2] bf16 (consecutive packed blocks); cnt a multiple of 32, D of 32.
+// acc[0:16][0:D] += P[0:16][0:cnt] . V[0:cnt][0:D] (acc: 16 rows of D float32, accumulated in the tiles): prob16
+// rows hold the probabilities as bf16 in key order, v16 the values as [cnt / 2 key pairs][D][2] bf16 (consecutive
+// packed blocks); cnt a multiple of 32, D of 32.
 inline void pv_amx(const uint32_t (*prob16)[SB / 2], const uint16_t* v16, int D, int cnt, float* pv) {
   const int64_t b_stride = int64_t(D) * 2 * sizeof(uint16_t);  // bytes between key pairs of a B tile
   for (int dc = 0; dc < D; dc += 64) {  // up to four 16-dimension output tiles at a time
     const bool four = dc + 32 < D;
-    _tile_zero(0);
-    _tile_zero(1);
+    _tile_loadd(0, pv + dc, D * sizeof(float));
+    _tile_loadd(1, pv + dc + 16, D * sizeof(float));
     if (four) {
-      _tile_zero(2);
-      _tile_zero(3);
+      _tile_loadd(2, pv + dc + 32, D * sizeof(float));
+      _tile_loadd(3, pv + dc + 48, D * sizeof(float));
     }
     for (int k0 = 0; k0 < cnt; k0 += 32) {
       _tile_loadd(4, &prob16[0][k0 / 2], (SB / 2) * sizeof(uint32_t));
@@ -433,10 +442,12 @@ void attend_unit(const T* query, const float* kt, const uint16_t* kt16, const fl
   alignas(64) uint32_t prob16[CH][SB / 2];
   float alpha[CH];
 #if defined(__AMX_BF16__) && defined(__AMX_TILE__)
-  // AMX: the queries as 16-row tiles (pairs padded to a multiple of 16 with zeros) and a PV result tile.
+  // AMX: the queries as 16-row tiles (pairs padded to a multiple of 16 with zeros); acc gets the same padding,
+  // since PV accumulates into it 16 rows at a time (the padding rows' results are never read).
   std::vector<uint16_t> q16(amx ? static_cast<size_t>((pairs + 15) / 16 * 16 * D) : 0, uint16_t(0));
-  std::vector<float> pv(amx ? static_cast<size_t>(16 * D) : 0);
   if (amx) {
+    acc.resize(static_cast<size_t>((pairs + 15) / 16 * 16 * D), 0.0f);
+    for (int64_t p = 0; p < pairs; ++p) accp[p] = acc.data() + p * D;
     for (int64_t p = 0; p < pairs; ++p) std::copy_n(reinterpret_cast<const uint16_t*>(qp16[p]), D, &q16[p * D]);
     amx_configure();
   }
@@ -503,7 +514,14 @@ void attend_unit(const T* query, const float* kt, const uint16_t* kt16, const fl
           const Vec mx = Vec::set1(m_run);
           Vec sum = Vec::zero();
           for (int c = 0; c < sub; ++c) {
-            const Vec e0 = (x[2 * c] - mx).exp(), e1 = (x[2 * c + 1] - mx).exp();
+            Vec e0, e1;
+            if (bf16_dot) {  // the probabilities are rounded to bf16 for PV: the short polynomial is exact enough
+              e0 = (x[2 * c] - mx).template exp<true>();
+              e1 = (x[2 * c + 1] - mx).template exp<true>();
+            } else {
+              e0 = (x[2 * c] - mx).exp();
+              e1 = (x[2 * c + 1] - mx).exp();
+            }
 #if defined(__AVX512BF16__)
             if (bf16_dot)
               store_bf16_pairs(prob16[i] + c * KB / 2, e0.v, e1.v);
@@ -520,12 +538,12 @@ void attend_unit(const T* query, const float* kt, const uint16_t* kt16, const fl
         }
 #if defined(__AMX_BF16__) && defined(__AMX_TILE__)
         if (amx) {
-          pv_amx(prob16, v16_h + j0 * D, int(D), cnt, pv.data());
-          for (int i = 0; i < m; ++i) {
+          for (int i = 0; i < m; ++i) {  // rescale the rows whose running max moved (rare: see the lazy max)
+            if (alpha[i] == 1.0f) continue;
             float* a = accp[p0 + i];
-            const Vec al = Vec::set1(alpha[i]);
-            for (int64_t d = 0; d < D; d += 16) fmadd(Vec::load(a + d), al, Vec::load(&pv[i * D + d])).store(a + d);
+            for (int64_t d = 0; d < D; d += 16) (Vec::load(a + d) * Vec::set1(alpha[i])).store(a + d);
           }
+          pv_amx(prob16, v16_h + j0 * D, int(D), cnt, accp[p0]);
           continue;
         }
 #endif

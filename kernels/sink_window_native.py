@@ -1,9 +1,11 @@
 """The native (C++) sink-window attention kernel for CPU: build, load and call.
 
 ``kernels/sink_window_cpu.cpp`` is a flash-attention forward specialised to SWAA's sink-window
-rows (each row sees the sinks ``[0, k)`` and its window ``(i - W, i]``), vectorised with AVX-512.
-On AVX-512 machines it runs at the FLOP rate of vLLM's own C++ CPU attention op, where torch's
-fused CPU attention reaches about a third of it (``benchmarks/results/attention_micro.md``).
+rows (each row sees the sinks ``[0, k)`` and its window ``(i - W, i]``), vectorised with AVX-512
+(bfloat16 products with VDPBF16PS, or on AMX tiles where the CPU has them). On AVX-512 machines it
+runs at about the FLOP rate of vLLM's own C++ CPU attention op at the ISA ``CPU_ATTN`` picks
+(``vec``; ``amx`` for bfloat16 on AMX CPUs), where torch's fused CPU attention reaches a third to
+two thirds of it (``benchmarks/results/attention_micro.md``). It reads both cache layouts.
 
 **Build.** Compiled on first use, once per machine, with ``torch.utils.cpp_extension.load``
 (g++ and ninja; ``-O3 -march=native -fopenmp``, threads from ``at::parallel_for``, i.e. the
