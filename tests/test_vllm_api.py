@@ -32,6 +32,9 @@ SCANNED = ("swaa_vllm", "kernels")
 # * swaa_vllm/platforms/ray_executor.py runs only on CPU: shim 6 selects its executor from the CPU platform's
 #   config hook (on CUDA vLLM's own Ray executor is used unchanged). Its `vllm.envs` and
 #   `vllm.platforms.cpu` imports are in the manifest anyway (other files need them).
+# * swaa_vllm/platforms/cpu_attention_op.py's `_get_attn_isa` (vLLM CPU_ATTN's ISA choice): imported inside
+#   vllm_attention_isa, which only the CPU path calls; tests/test_cpu_kernel.py pins its rule and signature on the
+#   installed CPU build (test_layer_cache_isa_takes_vllms_choice_where_the_layer_can_read_it).
 # Not here, because the GPU path needs them too: swaa_vllm/platforms/cpu_attention_op.py's `vllm._custom_ops` and
 # `vllm.envs` (swaa_vllm/backend.py imports that module at import time on every platform; its vllm._C
 # ops themselves run only on CPU and are not imports), and the public `vllm.LLM`, `SamplingParams`,
@@ -42,6 +45,9 @@ CPU_ONLY: dict[str, set[tuple[str, str | None]]] = {
         ("vllm.v1.executor", "ray_executor_v2"),
         ("vllm.v1.executor.ray_executor_v2", "RayExecutorV2"),
         ("vllm.v1.executor.ray_executor_v2", "RayWorkerProc"),
+    },
+    "swaa_vllm/platforms/cpu_attention_op.py": {
+        ("vllm.v1.attention.backends.cpu_attn", "_get_attn_isa"),
     },
 }
 
