@@ -124,7 +124,7 @@ VLLM_GPU_SRC := .cache/vllm-gpu-src
 
 # Serving speed as users measure it (benchmarks/serve_bench.py): vllm serve per configuration, vLLM's own client
 # `vllm bench serve` (random prompts of 2k and 8k tokens, 64 output tokens) at max concurrency 1, 4 and 16; dtype per
-# machine (float32 without native bf16). bf16 with native bf16: the whole grid, 38 min on 2 AVX-512 cores; float32: without
+# machine (float32 without native bf16). bf16 with native bf16: the whole grid, 38 min on 2 AMD AVX-512 cores, 20 min on 2 Intel AVX-512 + AMX cores; float32: without
 # 8k x concurrency 16, 54 min on 2 AVX2 cores. BENCH_SERVE_ARGS="--lengths 2048" for ~10 min.
 bench-serve: $(STAMP)
 	$(VENV)/bin/swaa-vllm-prepare-model
