@@ -229,8 +229,8 @@ def measure_all(model: str, shape: Shape, config_list: list[Config], lengths: li
                 load_format: str, dtype: str) -> list[Measured]:
     """Every configuration's engine at once, measured in interleaved rounds (paired, drift-robust).
 
-    Round ``r`` measures, each on every configuration back to back in an order rotated by ``r``
-    (:func:`round_order`) before the next measurement: TTFT at each length of ``lengths`` (lengths >=
+    Round ``r`` measures, each on every configuration back to back in the order of
+    :func:`round_order` before the next measurement: TTFT at each length of ``lengths`` (lengths >=
     ``args.repeat_below`` only in round 0), the same fresh random prompt for every configuration; one
     single-request decode window (``args.decode_tokens`` tokens after the
     ``args.decode_context``-token prompt, prefix-cached after the warm-up); one batched window
@@ -293,9 +293,17 @@ def measure_all(model: str, shape: Shape, config_list: list[Config], lengths: li
 
 
 def round_order(engines: int, r: int) -> list[int]:
-    """Engine order of round ``r``: ``0 .. engines - 1`` rotated by ``r``, so each engine leads in turn."""
-    order = list(range(engines))
-    return order[r % engines:] + order[: r % engines]
+    """Engine order of round ``r``: ``0 .. engines - 1`` rotated by ``r // 2``, reversed in odd rounds (over
+    ``2 * engines`` rounds each engine leads twice).
+
+    A rotation alone keeps the cyclic order, so every engine would always run right after the same neighbour
+    (engine 1 after engine 0, CPU_ATTN, in every measurement of every round): a neighbour that leaves the
+    machine slower for a moment (its threads still spinning, the caches full of its weights) would bias one
+    pair of ratios. Reversing odd rounds gives each engine both neighbours as its predecessor.
+    """
+    shift = (r // 2) % engines
+    order = list(range(shift, engines)) + list(range(shift))
+    return order[::-1] if r % 2 else order
 
 
 def check_memory(engines: int, bytes_per_engine: int, overhead: int = 1 << 30) -> None:
@@ -385,7 +393,8 @@ def report(models: list[dict], env: dict, targets: list[str]) -> str:
         f"{env.get('dtype', 'bfloat16')}, eager, prefix caching on (the decode prompts are cached; every TTFT "
         "prompt is new). TTFT and decode from vLLM's engine-core timestamps. Every configuration's engine runs "
         f"in one process group at once, measured in {rounds} interleaved rounds (each measurement on every "
-        "engine back to back, so paired values are seconds apart; order rotated per round; the same "
+        "engine back to back, so paired values are seconds apart; order rotated every second round and reversed "
+        "in odd rounds, so no engine always follows the same one; the same "
         f"prompts for every configuration within a round); TTFT below {env.get('repeat_below', '-')} tokens and "
         "the decode windows are medians over the rounds, longer TTFTs one round. Ratios are medians of the "
         "per-round paired ratios [min-max]. Decode: "

@@ -79,8 +79,9 @@ def test_medians_targets_and_report(cpu_e2e):
 
 
 def test_rounds_pair_each_measurement_across_engines_back_to_back(cpu_e2e, monkeypatch):
-    """Within a round every engine runs one measurement before any engine runs the next, in a rotated order,
-    so each paired ratio compares values taken seconds apart (fake engines record the order of the calls)."""
+    """Within a round every engine runs one measurement before any engine runs the next, in an order rotated
+    every second round and reversed in odd rounds, so each paired ratio compares values taken seconds apart
+    (fake engines record the order of the calls)."""
     import argparse
     import contextlib
 
@@ -118,8 +119,23 @@ def test_rounds_pair_each_measurement_across_engines_back_to_back(cpu_e2e, monke
     per_round = [[512, 2048, "decode", "batch"], [512, "decode", "batch"], [512, "decode", "batch"]]
     expected = []
     for r, whats in enumerate(per_round):
-        order = names[r % 4:] + names[: r % 4]
+        shift = r // 2
+        order = names[shift:] + names[:shift]
+        order = order[::-1] if r % 2 else order  # rotated every second round, odd rounds reversed
         expected += [(name, what) for what in whats for name in order]
     assert measured == expected
     assert [len(res.decode_windows) for res in results] == [3] * 4
     assert [len(res.ttft_rounds[512]) for res in results] == [3] * 4
+
+
+def test_round_order_varies_each_engines_predecessor(cpu_e2e):
+    """Over ``2 * engines`` rounds each engine leads twice and runs after at least two different engines: with a
+    plain rotation engine 1 (swaa without swaa_config) always ran right after engine 0 (CPU_ATTN)."""
+    engines, rounds = 4, 8
+    orders = [cpu_e2e.round_order(engines, r) for r in range(rounds)]
+    assert all(sorted(o) == list(range(engines)) for o in orders)
+    assert sorted(o[0] for o in orders) == sorted(list(range(engines)) * 2)
+    sequence = [e for o in orders for e in o]
+    for engine in range(engines):
+        before = {sequence[i - 1] for i in range(1, len(sequence)) if sequence[i] == engine}
+        assert len(before) >= 2, f"engine {engine} always runs after {before}"
