@@ -120,6 +120,20 @@ def value_blocks(kv_cache: torch.Tensor) -> torch.Tensor:
     return kv_cache.view(nb, hkv, 2, bs, d2 // 2)[:, :, 1]
 
 
+def _valid_slots(
+    key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor, block_size: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The writers' common step: ``(key, value, blocks, offsets)`` of the tokens whose slot is not padding.
+
+    ``slot_mapping`` entries past ``key.shape[0]`` are ignored, negative ones (padding) dropped with their rows.
+    """
+    slots = slot_mapping[: key.shape[0]].long()
+    valid = slots >= 0
+    if not bool(valid.all()):
+        slots, key, value = slots[valid], key[valid], value[valid]
+    return key, value, slots // block_size, slots % block_size
+
+
 def write_kv_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
     """Scatter new keys and values into the paged cache (plain torch).
 
@@ -134,13 +148,7 @@ def write_kv_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tenso
             each token, negative for padding tokens (skipped); entries past
             ``num_tokens`` are ignored.
     """
-    num_tokens = key.shape[0]
-    bs = kv_cache.shape[2]
-    slots = slot_mapping[:num_tokens].long()
-    valid = slots >= 0
-    if not bool(valid.all()):
-        slots, key, value = slots[valid], key[valid], value[valid]
-    blocks, offsets = slots // bs, slots % bs
+    key, value, blocks, offsets = _valid_slots(key, value, slot_mapping, kv_cache.shape[2])
     kb, vb = key_blocks(kv_cache), value_blocks(kv_cache)
     # Advanced indices on dims 0 and 3 (keys) / 0 and 2 (values): rows are [tokens, Hkv, D].
     kb[blocks, :, :, offsets] = key.to(kv_cache.dtype)
@@ -190,14 +198,8 @@ def write_kv_cache_amx(
         ValueError: as :func:`amx_key_value_blocks`.
     """
     keys, values = _amx_views(kv_cache)
-    num_tokens, hkv, d = key.shape
-    bs = kv_cache.shape[2]
-    slots = slot_mapping[:num_tokens].long()
-    valid = slots >= 0
-    if not bool(valid.all()):
-        slots, key, value = slots[valid], key[valid], value[valid]
-    blocks, offsets = slots // bs, slots % bs
-    n = slots.shape[0]
+    key, value, blocks, offsets = _valid_slots(key, value, slot_mapping, kv_cache.shape[2])
+    n, hkv, d = key.shape
     # Advanced indices on dims 0, 2, 4 (keys) / 0, 3, 5 (values) go first: [n, Hkv, D / 2, 2] / [n, Hkv, D / 16, 16].
     keys[blocks, :, offsets // 16, :, offsets % 16, :] = key.to(kv_cache.dtype).view(n, hkv, d // 2, 2)
     values[blocks, :, :, offsets // 2, :, offsets % 2] = value.to(kv_cache.dtype).view(n, hkv, d // 16, 16)
