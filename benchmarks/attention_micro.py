@@ -150,7 +150,7 @@ def main() -> None:
                 fns["op_isa"] = lambda op=op, isa_cache=isa_cache: op(kv_cache=isa_cache, prim=isa_op)
                 if native:
                     fns["slide_native_isa"] = swaa(sliding, isa_op, "native", kv_cache=isa_cache,
-                                                   layout=native_isa)
+                                                   layout=isa_op.cache_layout)
             t = _time_interleaved(fns, reps)
             t.setdefault("op_isa", t["op"])
             t.setdefault("slide_native_isa", t.get("slide_native", float("nan")))

@@ -237,6 +237,9 @@ void pv_dispatch_bf16(int p, float* const* acc, const float* alpha, const uint32
 inline void store_bf16_pairs(uint32_t* dst, const __m512 e0, const __m512 e1) {
   _mm512_storeu_si512(dst, (__m512i)_mm512_cvtne2ps_pbh(e1, e0));  // lanes 0-15 from e0, 16-31 from e1
 }
+#else
+constexpr bool BF16_DOT = false;
+#endif
 
 #if defined(__AMX_BF16__) && defined(__AMX_TILE__)
 // AMX (Intel Sapphire Rapids and later): TDPBF16PS multiplies a 16 x 32 bf16 tile by a 32 x 16 bf16 tile (stored
@@ -311,15 +314,15 @@ inline void qk_amx(const uint16_t* q16, const uint16_t* kt, int D, int cnt, floa
 // acc[0:16][0:D] += P[0:16][0:cnt] . V[0:cnt][0:D] (acc: 16 rows of D float32, accumulated in the tiles): prob16
 // rows hold the probabilities as bf16 in key order, v16 the values as [cnt / 2 key pairs][D][2] bf16 (consecutive
 // packed blocks); cnt a multiple of 32, D of 32.
-inline void pv_amx(const uint32_t (*prob16)[SB / 2], const uint16_t* v16, int D, int cnt, float* pv) {
+inline void pv_amx(const uint32_t (*prob16)[SB / 2], const uint16_t* v16, int D, int cnt, float* acc) {
   const int64_t b_stride = int64_t(D) * 2 * sizeof(uint16_t);  // bytes between key pairs of a B tile
   for (int dc = 0; dc < D; dc += 64) {  // up to four 16-dimension output tiles at a time
     const bool four = dc + 32 < D;
-    _tile_loadd(0, pv + dc, D * sizeof(float));
-    _tile_loadd(1, pv + dc + 16, D * sizeof(float));
+    _tile_loadd(0, acc + dc, D * sizeof(float));
+    _tile_loadd(1, acc + dc + 16, D * sizeof(float));
     if (four) {
-      _tile_loadd(2, pv + dc + 32, D * sizeof(float));
-      _tile_loadd(3, pv + dc + 48, D * sizeof(float));
+      _tile_loadd(2, acc + dc + 32, D * sizeof(float));
+      _tile_loadd(3, acc + dc + 48, D * sizeof(float));
     }
     for (int k0 = 0; k0 < cnt; k0 += 32) {
       _tile_loadd(4, &prob16[0][k0 / 2], (SB / 2) * sizeof(uint32_t));
@@ -335,20 +338,15 @@ inline void pv_amx(const uint32_t (*prob16)[SB / 2], const uint16_t* v16, int D,
         _tile_dpbf16ps(3, 4, 5);
       }
     }
-    _tile_stored(0, pv + dc, D * sizeof(float));
-    _tile_stored(1, pv + dc + 16, D * sizeof(float));
+    _tile_stored(0, acc + dc, D * sizeof(float));
+    _tile_stored(1, acc + dc + 16, D * sizeof(float));
     if (four) {
-      _tile_stored(2, pv + dc + 32, D * sizeof(float));
-      _tile_stored(3, pv + dc + 48, D * sizeof(float));
+      _tile_stored(2, acc + dc + 32, D * sizeof(float));
+      _tile_stored(3, acc + dc + 48, D * sizeof(float));
     }
   }
 }
 #else
-constexpr bool AMX_BUILD = false;
-bool amx_permitted() { return false; }
-#endif
-#else
-constexpr bool BF16_DOT = false;
 constexpr bool AMX_BUILD = false;
 bool amx_permitted() { return false; }
 #endif
@@ -408,14 +406,16 @@ void pv_dispatch(int p, float* const* acc, const float* alpha, const float (*pro
 template <typename T, int CH>
 void attend_unit(const T* query, const float* kt, const uint16_t* kt16, const float* v, const uint16_t* v16, T* out,
                  int64_t H, int64_t D, int64_t L, int64_t group, int64_t hk, int64_t r0, int64_t r1, int64_t sinks,
-                 int64_t window, float scale, [[maybe_unused]] bool amx) {
+                 int64_t window, float scale, bool amx) {
   // kt16/v16 (bf16 keys and values for the VDPBF16PS micro-kernels) are set for BFloat16 on CPUs with AVX512_BF16;
   // then the queries stay bf16 and the scores are scaled, otherwise the queries are widened and pre-scaled.
   const bool bf16_dot = kt16 != nullptr;
   const int64_t rows = r1 - r0;
   const int64_t pairs = rows * group;  // pair index = row offset * group + head offset
   std::vector<float> q(static_cast<size_t>(pairs * D));
-  std::vector<float> acc(static_cast<size_t>(pairs * D), 0.0f);
+  // With AMX, PV accumulates into acc 16 rows at a time: pairs padded to a multiple of 16 (padding never read).
+  const int64_t acc_rows = amx ? (pairs + 15) / 16 * 16 : pairs;
+  std::vector<float> acc(static_cast<size_t>(acc_rows * D), 0.0f);
   std::vector<float> row_max(static_cast<size_t>(pairs), NEG_INF);
   std::vector<float> row_sum(static_cast<size_t>(pairs * 16), 0.0f);  // per pair: 16 lane partial sums
   std::vector<const float*> qp(static_cast<size_t>(pairs));
@@ -442,12 +442,9 @@ void attend_unit(const T* query, const float* kt, const uint16_t* kt16, const fl
   alignas(64) uint32_t prob16[CH][SB / 2];
   float alpha[CH];
 #if defined(__AMX_BF16__) && defined(__AMX_TILE__)
-  // AMX: the queries as 16-row tiles (pairs padded to a multiple of 16 with zeros); acc gets the same padding,
-  // since PV accumulates into it 16 rows at a time (the padding rows' results are never read).
-  std::vector<uint16_t> q16(amx ? static_cast<size_t>((pairs + 15) / 16 * 16 * D) : 0, uint16_t(0));
+  // AMX: the queries as 16-row tiles (pairs padded like acc, with zeros).
+  std::vector<uint16_t> q16(amx ? static_cast<size_t>(acc_rows * D) : 0, uint16_t(0));
   if (amx) {
-    acc.resize(static_cast<size_t>((pairs + 15) / 16 * 16 * D), 0.0f);
-    for (int64_t p = 0; p < pairs; ++p) accp[p] = acc.data() + p * D;
     for (int64_t p = 0; p < pairs; ++p) std::copy_n(reinterpret_cast<const uint16_t*>(qp16[p]), D, &q16[p * D]);
     amx_configure();
   }

@@ -370,6 +370,6 @@ class SwaaAttentionImpl(AttentionImpl[SwaaMetadata]):
             plan=attn_metadata.plan_for(spec),
             paged_attention=paged_attention,
             sink_window_kernel=self._sink_window_kernel,
-            cache_layout="amx" if paged_attention.isa == "amx" else "vec",
+            cache_layout=paged_attention.cache_layout,
         )
         return output

@@ -75,7 +75,8 @@ def vllm_attention_isa(dtype: torch.dtype, block_size: int, head_size: int) -> s
     """The ISA vLLM's ``CPU_ATTN`` backend picks for these caches: its own ``_get_attn_isa``.
 
     Called rather than mirrored, so that SWAA's full layers use exactly the op ``CPU_ATTN`` runs
-    (``tests/test_vllm_shims.py`` fails if vLLM renames or re-signs the function).
+    (``tests/test_cpu_kernel.py::test_layer_cache_isa_takes_vllms_choice_where_the_layer_can_read_it`` fails if
+    vLLM renames it, re-signs it or changes its rule).
     """
     from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
 
@@ -181,6 +182,11 @@ class VllmCpuPagedAttention:
     def __init__(self, isa: str) -> None:
         self.isa = isa
         self._views: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    @property
+    def cache_layout(self) -> str:
+        """The layout the op writes for this ISA, as :func:`swaa_kernels.cpu.paged_swaa_attention` names it."""
+        return "amx" if self.isa == "amx" else "vec"
 
     def cache_views(self, kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(key_cache, value_cache)``: the op's views of ``kv_cache``, kept for the last cache seen.
