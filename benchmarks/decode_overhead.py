@@ -71,8 +71,10 @@ def step_times(context: int, layers: int, steps: int, dtype: torch.dtype, rows: 
     prompt_lens = torch.tensor([context - 1 if rows == 1 else context], dtype=torch.int32)
     slot_mapping = torch.arange(context - rows, context, dtype=torch.int64)
     layer_objs = [_layer(i, isa) for i in range(layers)]
-    cpu_attn = CPUAttentionBackendImpl(HEADS, HEAD_SIZE, scale, KV_HEADS, None, None, "auto")
-    swaa = SwaaAttentionImpl(HEADS, HEAD_SIZE, scale, KV_HEADS)
+    # One impl per layer, as vLLM builds them (each Attention layer owns its impl; the swaa impl keeps its
+    # layer's cache views and op, so one impl shared by every layer would redo them at each layer).
+    cpu_attns = [CPUAttentionBackendImpl(HEADS, HEAD_SIZE, scale, KV_HEADS, None, None, "auto") for _ in layer_objs]
+    swaas = [SwaaAttentionImpl(HEADS, HEAD_SIZE, scale, KV_HEADS) for _ in layer_objs]
 
     def cpu_attn_step() -> None:
         metadata = CPUAttentionMetadata(
@@ -83,14 +85,14 @@ def step_times(context: int, layers: int, steps: int, dtype: torch.dtype, rows: 
                 dtype=dtype, query_start_loc=query_start_loc, causal=True, sliding_window_size=-1, isa=isa,
                 enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV, dynamic_causal=None, kv_cache_dtype="auto"),
         )
-        for layer, kv_cache in zip(layer_objs, caches, strict=True):
+        for cpu_attn, layer, kv_cache in zip(cpu_attns, layer_objs, caches, strict=True):
             cpu_attn.do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
             cpu_attn.forward(layer, query, key, value, kv_cache, metadata, out)
 
     def swaa_step() -> None:
         metadata = SwaaMetadata(num_actual_tokens=rows, query_start_loc=query_start_loc, seq_lens=seq_lens,
                                 prompt_lens=prompt_lens, block_table=block_table)
-        for layer, kv_cache in zip(layer_objs, caches, strict=True):
+        for swaa, layer, kv_cache in zip(swaas, layer_objs, caches, strict=True):
             swaa.do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
             swaa.forward(layer, query, key, value, kv_cache, metadata, out)
 
