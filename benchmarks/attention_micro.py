@@ -21,10 +21,12 @@ the swaa sliding layer (its sink-window rows, plus the early rows that go to the
 ratio ``sliding rate / op rate`` (issue 16's target: >= 0.9). dtype: bfloat16 on CPUs with
 native bf16, float32 elsewhere (``--dtype``).
 
-Those columns use the cache layout every reader knows (ISA ``vec``). Where ``CPU_ATTN`` picks
+Those columns use the cache layout every reader knows (ISA ``vec``), and the native kernel runs
+without AMX tiles there (``amx_tiles=False``: its VDPBF16PS path for bfloat16), so on an AMX CPU
+they stand for a CPU with AVX512_BF16 but no AMX on both sides. Where ``CPU_ATTN`` picks
 another ISA for this dtype (``amx``: bfloat16 on CPUs with AMX tiles), the last columns repeat
 the op and the native sliding layer on a cache in that layout, as the backend runs them there
-(``swaa_vllm.platforms.cpu_attention_op.layer_cache_isa``). Run:
+(``swaa_vllm.platforms.cpu_attention_op.layer_cache_isa``; the kernel on AMX tiles). Run:
 ``.venv/bin/python benchmarks/attention_micro.py [--lengths 2048 8192] [--window 1024 --keep-first 64]``.
 """
 
@@ -128,9 +130,10 @@ def main() -> None:
             # Each closure is timed within its iteration; the defaults bind this iteration's tensors.
             def swaa(spec, prim=vllm_op, kernel="torch", query=query, qsl=qsl, prompt=prompt, kv_cache=kv_cache,
                      table=table, seq=seq, layout="vec"):
+                # AMX tiles only beside the op's amx ISA: the vec columns are a CPU without AMX on both sides.
                 return lambda: paged_swaa_attention(query, kv_cache, table, qsl, seq, prompt, spec, scale,
                                                     paged_attention=prim, sink_window_kernel=kernel,
-                                                    cache_layout=layout)
+                                                    cache_layout=layout, amx_tiles=layout == "amx")
 
             def sdpa(query=query, q_len=q_len, k=k, v=v):
                 # Prefill: causal over n; decode: one query over all n keys (no mask needed).

@@ -503,6 +503,7 @@ def _sink_window_attention(
     query_tile: int,
     native: bool,
     amx_layout: bool = False,
+    amx_tiles: bool = True,
 ) -> None:
     """Sink-window rows (positions >= W + k): keys ``[0, k)`` + each row's window.
 
@@ -520,7 +521,7 @@ def _sink_window_attention(
     for r, first, end, position in runs:
         if native:
             native_sink_window_attention(query[first:end], kv_cache, block_table[r], out[first:end], k_sinks, window,
-                                         position, scale, amx_layout)
+                                         position, scale, amx_layout, amx_tiles)
             continue
         lo, hi = position - window + 1, position + end - first  # window keys of the whole run
         # position >= W + k, so lo > k: the two ranges are disjoint.
@@ -574,6 +575,7 @@ def paged_swaa_attention(
     query_tile: int = 128,
     sink_window_kernel: str = "torch",
     cache_layout: str = "vec",
+    amx_tiles: bool = True,
 ) -> torch.Tensor:
     """SWAA attention of a batch of requests whose keys are in a paged cache.
 
@@ -603,6 +605,8 @@ def paged_swaa_attention(
         cache_layout: ``"vec"`` (the module docstring) or ``"amx"`` (:func:`amx_key_value_blocks`: the cache
             was written by vLLM's op with ISA ``amx``; ``paged_attention`` must read it too, and
             sink-window rows need the native kernel).
+        amx_tiles: the native kernel may run bfloat16 on AMX tiles where the CPU has them (default); False
+            takes its VDPBF16PS path, as on CPUs with AVX512_BF16 but no AMX (tests and benchmarks of that path).
 
     Returns:
         ``[num_tokens, num_heads, head_size]`` in ``query.dtype`` (``out`` if given).
@@ -635,5 +639,5 @@ def paged_swaa_attention(
             _run_batch(paged_attention, query, kv_cache, batch, scale, out)
     if plan.sink_window:
         _sink_window_attention(query, kv_cache, block_table, plan.sink_window, spec, scale, out, query_tile, native,
-                               amx)
+                               amx, amx_tiles)
     return out if out.shape[0] == num_tokens else out[:num_tokens]

@@ -639,7 +639,7 @@ void pack_keys(const T* cache, const int32_t* block_row, float* kt, uint16_t* kt
 
 template <typename T>
 void run(const at::Tensor& query, const at::Tensor& kv_cache, const at::Tensor& block_row, at::Tensor& out,
-         int64_t sinks, int64_t window, int64_t first_position, double scale, bool amx_layout) {
+         int64_t sinks, int64_t window, int64_t first_position, double scale, bool amx_layout, bool amx_tiles) {
   const int64_t N = query.size(0), H = query.size(1), D = query.size(2);
   const int64_t Hkv = kv_cache.size(1), block_size = kv_cache.size(2);
   const int64_t num_keys = sinks + window + N - 1, L = (num_keys + KB - 1) / KB * KB;
@@ -657,7 +657,7 @@ void run(const at::Tensor& query, const at::Tensor& kv_cache, const at::Tensor& 
        v16_d, Hkv, block_size, D, num_keys, L, sinks, first_position - window + 1);
   const int64_t group = H / Hkv;
   const int64_t tiles = (N + ROWS_PER_TILE - 1) / ROWS_PER_TILE;
-  const bool amx = AMX_BUILD && bf16_dot && D % 32 == 0 && amx_permitted();
+  const bool amx = amx_tiles && AMX_BUILD && bf16_dot && D % 32 == 0 && amx_permitted();
   const T* qd = query.data_ptr<T>();
   const float* ktd = kt.data_ptr<float>();
   const float* vd = v.data_ptr<float>();
@@ -680,9 +680,11 @@ void run(const at::Tensor& query, const at::Tensor& kv_cache, const at::Tensor& 
 // (same dtype), block_row int32 [max_blocks]: the request's block-table row. Rows sit at positions
 // first_position .. first_position + N - 1 >= sinks + window and see the keys [0, sinks) and (i - W, i].
 // amx_layout: the cache was written by vLLM's op with ISA amx (bf16 only), else with vec/vec16 (see VecLayout).
+// amx_tiles: bf16 may run on AMX tiles where the build and the CPU have them (the default); false takes the
+// VDPBF16PS path that CPUs with AVX512_BF16 but no AMX run (tests and benchmarks of that path on AMX machines).
 void sink_window_attention(const at::Tensor& query, const at::Tensor& kv_cache, const at::Tensor& block_row,
                            at::Tensor& out, int64_t sinks, int64_t window, int64_t first_position, double scale,
-                           bool amx_layout) {
+                           bool amx_layout, bool amx_tiles) {
   const auto dtype = query.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf,
               "sink_window_attention: query must be float32, bfloat16 or float16, got ", dtype);
@@ -709,11 +711,15 @@ void sink_window_attention(const at::Tensor& query, const at::Tensor& kv_cache, 
               "multiples of 32, got ", dtype, ", block_size=", block_size, ", head_size=", D);
   if (N == 0) return;
   switch (dtype) {
-    case at::kFloat: run<float>(query, kv_cache, block_row, out, sinks, window, first_position, scale, amx_layout); break;
-    case at::kBFloat16:
-      run<at::BFloat16>(query, kv_cache, block_row, out, sinks, window, first_position, scale, amx_layout);
+    case at::kFloat:
+      run<float>(query, kv_cache, block_row, out, sinks, window, first_position, scale, amx_layout, amx_tiles);
       break;
-    default: run<at::Half>(query, kv_cache, block_row, out, sinks, window, first_position, scale, amx_layout); break;
+    case at::kBFloat16:
+      run<at::BFloat16>(query, kv_cache, block_row, out, sinks, window, first_position, scale, amx_layout, amx_tiles);
+      break;
+    default:
+      run<at::Half>(query, kv_cache, block_row, out, sinks, window, first_position, scale, amx_layout, amx_tiles);
+      break;
   }
 }
 
@@ -722,7 +728,7 @@ void sink_window_attention(const at::Tensor& query, const at::Tensor& kv_cache, 
 TORCH_LIBRARY(swaa_cpu, m) {
   m.def(
       "sink_window_attention(Tensor query, Tensor kv_cache, Tensor block_row, Tensor(a!) out, int sinks, int window, "
-      "int first_position, float scale, bool amx_layout=False) -> ()");
+      "int first_position, float scale, bool amx_layout=False, bool amx_tiles=True) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(swaa_cpu, CPU, m) { m.impl("sink_window_attention", &sink_window_attention); }

@@ -164,6 +164,7 @@ def native_sink_window_attention(
     first_position: int,
     scale: float,
     amx_layout: bool = False,
+    amx_tiles: bool = True,
 ) -> None:
     """Sink-window attention of one run of rows of one request with the native kernel (built on first use).
 
@@ -179,6 +180,8 @@ def native_sink_window_attention(
         out: ``[N, H, D]`` same dtype, written (copied back if not contiguous).
         sinks: k >= 1. window: W >= 1. first_position: >= W + k. scale: softmax scale.
         amx_layout: the cache holds vLLM's AMX layout.
+        amx_tiles: bfloat16 may run on AMX tiles where this build and CPU have them (default); False runs the
+            VDPBF16PS path of CPUs with AVX512_BF16 but no AMX (to test and measure that path on AMX machines).
 
     Raises:
         RuntimeError: from the op, for arguments outside the above (the message names them).
@@ -186,7 +189,8 @@ def native_sink_window_attention(
     load()
     target = out if out.is_contiguous() else torch.empty_like(query, memory_format=torch.contiguous_format)
     torch.ops.swaa_cpu.sink_window_attention(
-        query.contiguous(), kv_cache, block_row.contiguous(), target, sinks, window, first_position, scale, amx_layout
+        query.contiguous(), kv_cache, block_row.contiguous(), target, sinks, window, first_position, scale, amx_layout,
+        amx_tiles,
     )
     if target is not out:
         out.copy_(target)
