@@ -16,7 +16,7 @@
 // The micro-kernels keep MR pairs x 32 scores (QK^T) and PR pairs x 64 output lanes (PV) in registers.
 // Arithmetic: float32 FMAs on float32/float16 inputs (widened when packed); bfloat16 on CPUs with AVX512_BF16 uses
 // VDPBF16PS for QK^T (exact products, float32 sums) and for PV (probabilities rounded to bf16, as FlashAttention
-// does; softmax statistics in float32). On machines without AVX-512 the same loops run on a portable 16-lane
+// does; softmax statistics in float32, in base 2). On machines without AVX-512 the same loops run on a portable 16-lane
 // vector type (correct, not tuned: swaa_kernels.sink_window_native picks the torch path there by default).
 
 #include <ATen/ATen.h>
@@ -47,7 +47,10 @@ constexpr int MR = 8;              // (row, head) pairs per QK micro-kernel: 16 
 constexpr int PR = 4;              // pairs per PV micro-kernel: 16 output accumulators for 64 head dimensions
 constexpr int ROWS_PER_TILE = 16;  // rows per work unit
 constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
-constexpr float MAX_SLACK = 8.0f;  // see the online softmax in attend_unit
+// The softmax runs in base 2: scores are scaled by scale * LOG2E (folded into the query pre-scale, or into the score
+// scale for bf16), so that e^(s - m) = 2^(s log2(e) - m log2(e)); the normalised result is the same.
+constexpr float LOG2E = 1.44269504088896341f;
+constexpr float MAX_SLACK = 8.0f * LOG2E;  // e^8 in base 2; see the online softmax in attend_unit
 
 #if defined(__AVX512F__)
 struct Vec {
@@ -57,6 +60,7 @@ struct Vec {
   static Vec load(const float* p) { return {_mm512_loadu_ps(p)}; }
   void store(float* p) const { _mm512_storeu_ps(p, v); }
   friend Vec fmadd(Vec a, Vec b, Vec c) { return {_mm512_fmadd_ps(a.v, b.v, c.v)}; }
+  friend Vec fmsub(Vec a, Vec b, Vec c) { return {_mm512_fmsub_ps(a.v, b.v, c.v)}; }
   friend Vec operator*(Vec a, Vec b) { return {_mm512_mul_ps(a.v, b.v)}; }
   friend Vec operator-(Vec a, Vec b) { return {_mm512_sub_ps(a.v, b.v)}; }
   friend Vec operator+(Vec a, Vec b) { return {_mm512_add_ps(a.v, b.v)}; }
@@ -65,31 +69,29 @@ struct Vec {
   Vec keep_or(uint32_t keep, float x) const { return {_mm512_mask_mov_ps(_mm512_set1_ps(x), __mmask16(keep), v)}; }
   float hmax() const { return _mm512_reduce_max_ps(v); }
   float hsum() const { return _mm512_reduce_add_ps(v); }
-  // e^x for x <= 0 (scores minus their running max): Cody-Waite reduction x = n ln2 + r, |r| <= ln2 / 2,
-  // Taylor polynomial of e^r of degree 6 (relative error < 2e-7 on the interval) or, with Short, degree 4
-  // (< 5e-5: for probabilities that are rounded to bf16 next, whose rounding step is 4e-3), times 2^n by
-  // scalef. Arguments below -87 (and -inf) give exactly 0.
+  // 2^x for x <= 0 (scores in base 2 minus their running max; see LOG2E): x = n + r with n = round(x), |r| <= 1/2,
+  // Taylor polynomial of 2^r = e^(r ln 2) of degree 6 (relative error < 2e-7 on the interval) or, with Short,
+  // degree 4 (< 5e-5: for probabilities that are rounded to bf16 next, whose rounding step is 4e-3), times 2^n by
+  // scalef. In base 2 the reduction is one subtraction (base e needs a multiply and two Cody-Waite steps). Arguments
+  // <= -125 (and -inf, and NaN) give exactly 0: no subnormal probability reaches PV.
   template <bool Short = false>
-  Vec exp() const {
-    const __m512 x = _mm512_max_ps(v, _mm512_set1_ps(-87.0f));
-    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  Vec exp2() const {
+    const __m512 n = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 r = _mm512_sub_ps(v, n);
     __m512 p;
     if constexpr (Short) {
-      p = _mm512_set1_ps(1.0f / 24);
+      p = _mm512_set1_ps(9.6181291076284772e-3f);  // ln2^4 / 4!
     } else {
-      p = _mm512_set1_ps(1.0f / 720);
-      p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
-      p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+      p = _mm512_set1_ps(1.5403530393381606e-4f);                        // ln2^6 / 6!
+      p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3333558146428443e-3f));  // ln2^5 / 5!
+      p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(9.6181291076284772e-3f));  // ln2^4 / 4!
     }
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.5504108664821580e-2f));  // ln2^3 / 3!
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(2.4022650695910071e-1f));  // ln2^2 / 2!
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(6.9314718055994531e-1f));  // ln2
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    const __mmask16 live = _mm512_cmp_ps_mask(v, _mm512_set1_ps(-87.0f), _CMP_GT_OQ);
-    return {_mm512_maskz_mov_ps(live, _mm512_scalef_ps(p, n))};
+    const __mmask16 live = _mm512_cmp_ps_mask(v, _mm512_set1_ps(-125.0f), _CMP_GT_OQ);
+    return {_mm512_maskz_scalef_ps(live, p, n)};
   }
 };
 #else
@@ -100,6 +102,7 @@ struct Vec {  // portable fallback: same algorithm, scalar loops the compiler ma
   static Vec load(const float* p) { Vec r; for (int i = 0; i < 16; ++i) r.a[i] = p[i]; return r; }
   void store(float* p) const { for (int i = 0; i < 16; ++i) p[i] = a[i]; }
   friend Vec fmadd(Vec x, Vec y, Vec z) { Vec r; for (int i = 0; i < 16; ++i) r.a[i] = x.a[i] * y.a[i] + z.a[i]; return r; }
+  friend Vec fmsub(Vec x, Vec y, Vec z) { Vec r; for (int i = 0; i < 16; ++i) r.a[i] = x.a[i] * y.a[i] - z.a[i]; return r; }
   friend Vec operator*(Vec x, Vec y) { Vec r; for (int i = 0; i < 16; ++i) r.a[i] = x.a[i] * y.a[i]; return r; }
   friend Vec operator-(Vec x, Vec y) { Vec r; for (int i = 0; i < 16; ++i) r.a[i] = x.a[i] - y.a[i]; return r; }
   friend Vec operator+(Vec x, Vec y) { Vec r; for (int i = 0; i < 16; ++i) r.a[i] = x.a[i] + y.a[i]; return r; }
@@ -108,7 +111,7 @@ struct Vec {  // portable fallback: same algorithm, scalar loops the compiler ma
   float hmax() const { float m = a[0]; for (int i = 1; i < 16; ++i) m = std::max(m, a[i]); return m; }
   float hsum() const { float s = 0.0f; for (int i = 0; i < 16; ++i) s += a[i]; return s; }
   template <bool Short = false>
-  Vec exp() const { Vec r; for (int i = 0; i < 16; ++i) r.a[i] = a[i] > -87.0f ? std::exp(a[i]) : 0.0f; return r; }
+  Vec exp2() const { Vec r; for (int i = 0; i < 16; ++i) r.a[i] = a[i] > -125.0f ? std::exp2(a[i]) : 0.0f; return r; }
 };
 #endif
 
@@ -408,8 +411,11 @@ void attend_unit(const T* query, const float* kt, const uint16_t* kt16, const fl
                  int64_t H, int64_t D, int64_t L, int64_t group, int64_t hk, int64_t r0, int64_t r1, int64_t sinks,
                  int64_t window, float scale, bool amx) {
   // kt16/v16 (bf16 keys and values for the VDPBF16PS micro-kernels) are set for BFloat16 on CPUs with AVX512_BF16;
-  // then the queries stay bf16 and the scores are scaled, otherwise the queries are widened and pre-scaled.
+  // then the queries stay bf16 and the scores are scaled (in the softmax's subtraction of the running max),
+  // otherwise the queries are widened and pre-scaled. Either way by scale * LOG2E: the softmax runs in base 2.
   const bool bf16_dot = kt16 != nullptr;
+  const float score_scale = scale * LOG2E;
+  const float unscaled = bf16_dot ? score_scale : 1.0f;  // factor still to apply to the micro-kernels' scores
   const int64_t rows = r1 - r0;
   const int64_t pairs = rows * group;  // pair index = row offset * group + head offset
   std::vector<float> q(static_cast<size_t>(pairs * D));
@@ -429,7 +435,7 @@ void attend_unit(const T* query, const float* kt, const uint16_t* kt16, const fl
     qp16[p] = reinterpret_cast<const uint32_t*>(src);
     float* dst = q.data() + p * D;
     if (!bf16_dot)
-      for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<float>(src[d]) * scale;
+      for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<float>(src[d]) * score_scale;
     qp[p] = dst;
     accp[p] = acc.data() + p * D;
   }
@@ -485,10 +491,6 @@ void attend_unit(const T* query, const float* kt, const uint16_t* kt16, const fl
             const uint32_t keep = bit_range(int(std::clamp<int64_t>(vis_lo - base, 0, KB)),
                                             int(std::clamp<int64_t>(vis_hi - base, 0, KB)));
             Vec x0 = Vec::load(s[i] + c * KB), x1 = Vec::load(s[i] + c * KB + 16);
-            if (bf16_dot) {
-              x0 = x0 * Vec::set1(scale);
-              x1 = x1 * Vec::set1(scale);
-            }
             if (keep != 0xFFFFFFFFu) {
               x0 = x0.keep_or(keep & 0xFFFFu, NEG_INF);
               x1 = x1.keep_or(keep >> 16, NEG_INF);
@@ -499,25 +501,26 @@ void attend_unit(const T* query, const float* kt, const uint16_t* kt16, const fl
           }
           // Online softmax with a lazily raised running max (as in FlashAttention-4): the max moves only when
           // a step's scores exceed it by more than MAX_SLACK, so most steps skip the rescale. Exact all the
-          // same: every term is e^(s - m) for one m per update, and e^MAX_SLACK keeps the sums far from overflow.
-          const float block_max = running.hmax();
+          // same: every term is 2^(s - m) for one m per update, and 2^MAX_SLACK keeps the sums far from overflow.
+          // The max of the unscaled bf16 scores times score_scale (> 0) is the max of the scaled ones.
+          const float block_max = running.hmax() * unscaled;
           float& m_run = row_max[p];
           if (block_max > m_run + MAX_SLACK) {
-            alpha[i] = m_run == NEG_INF ? 0.0f : std::exp(m_run - block_max);
+            alpha[i] = m_run == NEG_INF ? 0.0f : std::exp2(m_run - block_max);
             m_run = block_max;
           } else {
             alpha[i] = 1.0f;
           }
-          const Vec mx = Vec::set1(m_run);
+          const Vec mx = Vec::set1(m_run), to_base2 = Vec::set1(unscaled);
           Vec sum = Vec::zero();
           for (int c = 0; c < sub; ++c) {
             Vec e0, e1;
             if (bf16_dot) {  // the probabilities are rounded to bf16 for PV: the short polynomial is exact enough
-              e0 = (x[2 * c] - mx).template exp<true>();
-              e1 = (x[2 * c + 1] - mx).template exp<true>();
+              e0 = fmsub(x[2 * c], to_base2, mx).template exp2<true>();
+              e1 = fmsub(x[2 * c + 1], to_base2, mx).template exp2<true>();
             } else {
-              e0 = (x[2 * c] - mx).exp();
-              e1 = (x[2 * c + 1] - mx).exp();
+              e0 = fmsub(x[2 * c], to_base2, mx).exp2();
+              e1 = fmsub(x[2 * c + 1], to_base2, mx).exp2();
             }
 #if defined(__AVX512BF16__)
             if (bf16_dot)
@@ -709,6 +712,8 @@ void sink_window_attention(const at::Tensor& query, const at::Tensor& kv_cache, 
   TORCH_CHECK(!amx_layout || (dtype == at::kBFloat16 && block_size % 32 == 0 && D % 32 == 0),
               "sink_window_attention: the AMX cache layout exists for bfloat16 with block size and head size "
               "multiples of 32, got ", dtype, ", block_size=", block_size, ", head_size=", D);
+  TORCH_CHECK(scale > 0, "sink_window_attention: scale must be > 0 (the softmax takes the max before scaling), got ",
+              scale);
   if (N == 0) return;
   switch (dtype) {
     case at::kFloat:

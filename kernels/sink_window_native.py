@@ -178,7 +178,7 @@ def native_sink_window_attention(
             (:func:`swaa_kernels.cpu.amx_key_value_blocks`; bfloat16, block and head size multiples of 32).
         block_row: int32 ``[max_blocks]``, the request's block-table row.
         out: ``[N, H, D]`` same dtype, written (copied back if not contiguous).
-        sinks: k >= 1. window: W >= 1. first_position: >= W + k. scale: softmax scale.
+        sinks: k >= 1. window: W >= 1. first_position: >= W + k. scale: softmax scale, > 0.
         amx_layout: the cache holds vLLM's AMX layout.
         amx_tiles: bfloat16 may run on AMX tiles where this build and CPU have them (default); False runs the
             VDPBF16PS path of CPUs with AVX512_BF16 but no AMX (to test and measure that path on AMX machines).

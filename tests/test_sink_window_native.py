@@ -259,6 +259,7 @@ def test_unsupported_head_layout_takes_the_torch_path(monkeypatch):
         (dict(query_dtype=torch.float64), "float32, bfloat16 or float16"),
         (dict(cache_dtype=torch.bfloat16), "share a dtype"),
         (dict(amx_layout=True), "AMX cache layout exists for bfloat16"),
+        (dict(scale=0.0), "scale must be > 0"),
     ],
 )
 def test_op_refuses_bad_arguments(change, message):
@@ -268,7 +269,8 @@ def test_op_refuses_bad_arguments(change, message):
     cache = kv_cache.to(change.get("cache_dtype", torch.float32))
     row = block_row[: change.get("block_row_len", block_row.shape[0])]
     with pytest.raises(RuntimeError, match=message):
-        torch.ops.swaa_cpu.sink_window_attention(query, cache, row, torch.empty_like(query), 20, 30, first, 0.1,
+        torch.ops.swaa_cpu.sink_window_attention(query, cache, row, torch.empty_like(query), 20, 30, first,
+                                                 change.get("scale", 0.1),
                                                  change.get("amx_layout", False))
 
 
