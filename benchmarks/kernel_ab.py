@@ -26,12 +26,11 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
-
-from test_sink_window_native import paged_case  # noqa: E402  (the tests' paged-cache builder)
+sys.path.insert(0, str(ROOT))
 
 from swaa_kernels import sink_window_native  # noqa: E402
 from swaa_vllm.platforms.cpu_features import cpu_model, describe  # noqa: E402
+from tests.test_sink_window_native import paged_case  # noqa: E402  (the tests' paged-cache builder)
 
 HEADS, KV_HEADS, HEAD_SIZE, BLOCK_SIZE = 9, 3, 64, 128
 
