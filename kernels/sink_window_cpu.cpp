@@ -71,7 +71,7 @@ struct Vec {
   float hsum() const { return _mm512_reduce_add_ps(v); }
   // 2^x for x <= 0 (scores in base 2 minus their running max; see LOG2E): x = n + r with n = round(x), |r| <= 1/2,
   // Taylor polynomial of 2^r = e^(r ln 2) of degree 6 (relative error < 2e-7 on the interval) or, with Short,
-  // degree 4 (< 5e-5: for probabilities that are rounded to bf16 next, whose rounding step is 4e-3), times 2^n by
+  // degree 4 (< 6e-5: for probabilities that are rounded to bf16 next, whose rounding step is 4e-3), times 2^n by
   // scalef. In base 2 the reduction is one subtraction (base e needs a multiply and two Cody-Waite steps). Arguments
   // <= -125 (and -inf, and NaN) give exactly 0: no subnormal probability reaches PV.
   template <bool Short = false>
