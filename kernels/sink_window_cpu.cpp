@@ -47,8 +47,8 @@ constexpr int MR = 8;              // (row, head) pairs per QK micro-kernel: 16 
 constexpr int PR = 4;              // pairs per PV micro-kernel: 16 output accumulators for 64 head dimensions
 constexpr int ROWS_PER_TILE = 16;  // rows per work unit
 constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
-// The softmax runs in base 2: scores are scaled by scale * LOG2E (folded into the query pre-scale, or into the score
-// scale for bf16), so that e^(s - m) = 2^(s log2(e) - m log2(e)); the normalised result is the same.
+// The softmax runs in base 2: scores are scaled by scale * LOG2E (folded into the query pre-scale, or for bf16 into
+// the subtraction of the running max), so that e^(s - m) = 2^(s log2(e) - m log2(e)); the normalised result is the same.
 constexpr float LOG2E = 1.44269504088896341f;
 constexpr float MAX_SLACK = 8.0f * LOG2E;  // e^8 in base 2; see the online softmax in attend_unit
 
@@ -415,7 +415,7 @@ void attend_unit(const T* query, const float* kt, const uint16_t* kt16, const fl
   // otherwise the queries are widened and pre-scaled. Either way by scale * LOG2E: the softmax runs in base 2.
   const bool bf16_dot = kt16 != nullptr;
   const float score_scale = scale * LOG2E;
-  const float unscaled = bf16_dot ? score_scale : 1.0f;  // factor still to apply to the micro-kernels' scores
+  const float pending_scale = bf16_dot ? score_scale : 1.0f;  // still to apply to the micro-kernels' scores
   const int64_t rows = r1 - r0;
   const int64_t pairs = rows * group;  // pair index = row offset * group + head offset
   std::vector<float> q(static_cast<size_t>(pairs * D));
@@ -503,7 +503,7 @@ void attend_unit(const T* query, const float* kt, const uint16_t* kt16, const fl
           // a step's scores exceed it by more than MAX_SLACK, so most steps skip the rescale. Exact all the
           // same: every term is 2^(s - m) for one m per update, and 2^MAX_SLACK keeps the sums far from overflow.
           // The max of the unscaled bf16 scores times score_scale (> 0) is the max of the scaled ones.
-          const float block_max = running.hmax() * unscaled;
+          const float block_max = running.hmax() * pending_scale;
           float& m_run = row_max[p];
           if (block_max > m_run + MAX_SLACK) {
             alpha[i] = m_run == NEG_INF ? 0.0f : std::exp2(m_run - block_max);
@@ -511,7 +511,7 @@ void attend_unit(const T* query, const float* kt, const uint16_t* kt16, const fl
           } else {
             alpha[i] = 1.0f;
           }
-          const Vec mx = Vec::set1(m_run), to_base2 = Vec::set1(unscaled);
+          const Vec mx = Vec::set1(m_run), to_base2 = Vec::set1(pending_scale);
           Vec sum = Vec::zero();
           for (int c = 0; c < sub; ++c) {
             Vec e0, e1;

@@ -118,6 +118,12 @@ def load() -> None:
     _load("native")
 
 
+def build_flags(march: str) -> dict[str, list[str]]:
+    """``torch.utils.cpp_extension.load``'s compiler and linker flags for this kernel built with ``-march=<march>``
+    (the product build, and ``benchmarks/kernel_ab.py``'s build of an older source beside it)."""
+    return {"extra_cflags": ["-O3", f"-march={march}", "-fopenmp"], "extra_ldflags": ["-fopenmp"]}
+
+
 @functools.cache
 def _load(march: str) -> None:
     """Build with ``-march=<march>`` and load (one build per process: the op namespace is global).
@@ -133,8 +139,7 @@ def _load(march: str) -> None:
         cpp_extension.load(
             name="swaa_sink_window_cpu",
             sources=[str(_SOURCE)],
-            extra_cflags=["-O3", f"-march={march}", "-fopenmp"],
-            extra_ldflags=["-fopenmp"],
+            **build_flags(march),
             build_directory=str(build_dir),
             is_python_module=False,
             verbose=False,
